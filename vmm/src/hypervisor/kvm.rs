@@ -1,0 +1,347 @@
+//! The KVM backend: kvm-ioctls underneath the hypervisor seam.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_devices::EdgeInterrupt;
+use ferry_firmware::linux::Segment;
+use ferry_firmware::BootCpuState;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm};
+use crate::cpuid::CpuidEntry;
+
+/// Where KVM puts the TSS and identity-map pages Intel needs for real mode: just below the
+/// BIOS, inside the PCI hole, never RAM.
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+fn call_err(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorError {
+    move |e| HypervisorError::Call {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => HypervisorError::NoKvm,
+            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission,
+            _ => HypervisorError::KvmOpen(e.to_string()),
+        })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip"),
+            (Cap::UserMemory, "user memory regions"),
+            (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "the in-kernel PIT"),
+            (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name));
+            }
+        }
+        Ok(Self { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(call_err("report its supported CPUID"))?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let fd = self.kvm.create_vm().map_err(call_err("create a VM"))?;
+        Ok(Arc::new(KvmVm {
+            fd,
+            memory: Mutex::new(None),
+        }))
+    }
+}
+
+pub struct KvmVm {
+    // Field order matters: the VM fd closes before the memory it maps is unmapped.
+    fd: VmFd,
+    memory: Mutex<Option<GuestMemoryMmap>>,
+}
+
+impl Vm for KvmVm {
+    fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| HypervisorError::Call {
+                    what: "map guest memory",
+                    detail: e.to_string(),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by
+            // `mem`; a clone of `mem` is stored in `self.memory` below, and `self.fd` is
+            // dropped before it, so the mapping outlives every guest access through KVM.
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(call_err("map guest memory"))?;
+        }
+        *self.memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
+        Ok(())
+    }
+
+    fn create_pc_irqchip(&self) -> Result<()> {
+        self.fd
+            .set_tss_address(TSS_ADDR)
+            .map_err(call_err("set the TSS address"))?;
+        self.fd
+            .set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(call_err("set the identity map address"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(call_err("create the in-kernel PIC and IOAPIC"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(call_err("create the in-kernel PIT"))?;
+        Ok(())
+    }
+
+    fn edge_interrupt(&self, gsi: u32) -> Result<Arc<dyn EdgeInterrupt>> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| HypervisorError::Call {
+            what: "create an eventfd",
+            detail: e.to_string(),
+        })?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(call_err("register an irqfd"))?;
+        Ok(Arc::new(Irqfd(evt)))
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(call_err("create a vCPU"))?;
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+}
+
+/// An irqfd: writing the eventfd pulses the GSI in the in-kernel irqchip.
+struct Irqfd(EventFd);
+
+impl EdgeInterrupt for Irqfd {
+    fn trigger(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::warn!("interrupt lost: {e}");
+        }
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+fn kvm_segment(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: u8::from(s.present),
+        dpl: s.dpl,
+        db: u8::from(s.db),
+        s: u8::from(s.s),
+        l: u8::from(s.l),
+        g: u8::from(s.g),
+        avl: 0,
+        unusable: u8::from(!s.present),
+        padding: 0,
+    }
+}
+
+impl KvmVcpu {
+    fn set_lint_modes(&mut self) -> Result<()> {
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(call_err("read the local APIC"))?;
+        for (reg, mode) in [
+            (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+            (APIC_LVT_LINT1, APIC_MODE_NMI),
+        ] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as i8;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(call_err("program the local APIC"))
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn configure(&mut self, cpuid: &[CpuidEntry], msrs: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_cpuid_entry2> = cpuid
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| HypervisorError::Call {
+            what: "accept the CPUID table",
+            detail: format!("{e:?}"),
+        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(call_err("set CPUID"))?;
+
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let kvm_msrs = Msrs::from_entries(&entries).map_err(|e| HypervisorError::Call {
+            what: "accept the MSR list",
+            detail: format!("{e:?}"),
+        })?;
+        let set = self.fd.set_msrs(&kvm_msrs).map_err(call_err("set MSRs"))?;
+        if set != msrs.len() {
+            return Err(HypervisorError::Call {
+                what: "set MSRs",
+                detail: format!("MSR {:#x} was not accepted", msrs[set].0),
+            });
+        }
+
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(call_err("set the FPU state"))?;
+        self.set_lint_modes()
+    }
+
+    fn set_boot_state(&mut self, st: &BootCpuState) -> Result<()> {
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(call_err("read special registers"))?;
+        let code = kvm_segment(&st.code);
+        let data = kvm_segment(&st.data);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment(&st.tss);
+        sregs.gdt.base = st.gdt_base;
+        sregs.gdt.limit = st.gdt_limit;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr0 = st.cr0;
+        sregs.cr3 = st.cr3;
+        sregs.cr4 = st.cr4;
+        sregs.efer = st.efer;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(call_err("set special registers"))?;
+
+        let mut regs = self.fd.get_regs().map_err(call_err("read registers"))?;
+        regs.rflags = 0x2;
+        regs.rip = st.rip;
+        regs.rsp = st.rsp;
+        regs.rbp = st.rsp;
+        regs.rsi = st.rsi;
+        self.fd.set_regs(&regs).map_err(call_err("set registers"))
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                KvmExit::IoIn(port, data) => VcpuExit::IoIn { port, data },
+                KvmExit::IoOut(port, data) => VcpuExit::IoOut { port, data },
+                KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
+                KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
+                KvmExit::Hlt => VcpuExit::Halt,
+                KvmExit::Shutdown => VcpuExit::Shutdown,
+                KvmExit::Intr => VcpuExit::Interrupted,
+                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuExit::Shutdown,
+                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+                    VcpuExit::Failed("the guest asked KVM for a system shutdown".into())
+                }
+                KvmExit::FailEntry(reason, _) => VcpuExit::Failed(format!(
+                    "KVM could not enter the guest (hardware entry failure {reason:#x})"
+                )),
+                KvmExit::InternalError => VcpuExit::Failed(
+                    "KVM hit an internal error emulating a guest instruction".into(),
+                ),
+                other => {
+                    tracing::debug!("ignored vCPU exit {other:?}");
+                    VcpuExit::Ignored
+                }
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(HypervisorError::Call {
+                what: "run the vCPU",
+                detail: e.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Machine assembly: guest memory, the PC chipset on the port bus, ACPI, the kernel, vCPU
+//! threads and the event loop, for one boot; `run` repeats boots when `--reboot` asks.
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use ferry_devices::acpi_pm::{self, AcpiPm};
+use ferry_devices::bus::lock;
+use ferry_devices::cmos::{self, Cmos};
+use ferry_devices::i8042::{self, I8042};
+use ferry_devices::pci::{self, DevFn, HostBridge, PciConfigIo, PciRoot};
+use ferry_devices::pvpanic::{self, PvPanic};
+use ferry_devices::serial::{self, Serial};
+use ferry_devices::{Bus, BusDevice, ExitHandle};
+use ferry_firmware::acpi::{write_acpi_tables, AcpiPlatform};
+use ferry_firmware::{load_linux, LinuxBootSpec, MemoryMap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, SharedSink};
+use crate::cpuid::patch_for_vcpu;
+use crate::exit::{ExitState, Outcome};
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::Hypervisor;
+use crate::{host, msr, vcpu, VmmError};
+
+/// Everything one `ferry run` needs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub memory: u64,
+    pub cpus: u32,
+    pub boot: LinuxBootSpec,
+    pub serial: SerialMode,
+    /// Restart the guest when it resets instead of exiting.
+    pub reboot: bool,
+}
+
+/// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
+pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
+    validate(cfg)?;
+    if let Some(why) = host::kvm_without_hardware_virtualization() {
+        tracing::warn!(
+            "this host has no hardware virtualization ({why}): guest code will be emulated and very slow"
+        );
+    }
+    let hv = KvmHypervisor::new()?;
+    let max = hv.max_vcpus();
+    if cfg.cpus as usize > max {
+        return Err(VmmError::Config(format!(
+            "--cpus {} is more than this host's KVM allows ({max}); use at most {max}",
+            cfg.cpus
+        )));
+    }
+    let console = Console::open(&cfg.serial)?;
+    let sink = SharedSink(Arc::new(Mutex::new(console.sink)));
+    let signals = SignalPipes::install()?;
+    let outcome = loop {
+        let input = console.input.try_clone().map_err(|e| VmmError::Io {
+            what: "console input".into(),
+            source: e,
+        })?;
+        let outcome = boot_once(&hv, cfg, sink.clone(), input, &signals)?;
+        match outcome {
+            Outcome::Reset if cfg.reboot => {
+                tracing::info!("the guest reset; booting it again (--reboot)");
+            }
+            o => break o,
+        }
+    };
+    signals.uninstall();
+    if let SerialMode::Unix(p) = &cfg.serial {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(outcome)
+}
+
+fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
+    if cfg.cpus == 0 {
+        return Err(VmmError::Config(
+            "--cpus 0: a guest needs at least one vCPU".into(),
+        ));
+    }
+    if cfg.cpus > 255 {
+        return Err(VmmError::Config(format!(
+            "--cpus {}: ferry supports at most 255 vCPUs",
+            cfg.cpus
+        )));
+    }
+    if let Some(host_mem) = host::host_memory() {
+        if cfg.memory > host_mem {
+            return Err(VmmError::Config(format!(
+                "--memory {} MiB is more than this host has ({} MiB); give the guest less",
+                cfg.memory >> 20,
+                host_mem >> 20
+            )));
+        }
+    }
+    MemoryMap::new(cfg.memory)?;
+    if !cfg.boot.kernel.is_file() {
+        return Err(VmmError::Config(format!(
+            "the kernel {} does not exist or is not a file",
+            cfg.boot.kernel.display()
+        )));
+    }
+    if let Some(i) = &cfg.boot.initrd {
+        if !i.is_file() {
+            return Err(VmmError::Config(format!(
+                "the initrd {} does not exist or is not a file",
+                i.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn insert(
+    bus: &mut Bus,
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+) -> Result<(), VmmError> {
+    bus.insert(base, len, dev)
+        .map_err(|e| VmmError::Device(e.to_string()))
+}
+
+fn boot_once(
+    hv: &KvmHypervisor,
+    cfg: &VmConfig,
+    sink: SharedSink,
+    input: ConsoleInput,
+    signals: &SignalPipes,
+) -> Result<Outcome, VmmError> {
+    let map = MemoryMap::new(cfg.memory)?;
+    let ranges: Vec<(GuestAddress, usize)> = map
+        .ram_ranges()
+        .into_iter()
+        .map(|(a, s)| (a, s as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::GuestMemory {
+        size: cfg.memory >> 20,
+        detail: e.to_string(),
+    })?;
+    let cpus = cfg.cpus as u8;
+
+    let vm = hv.create_vm()?;
+    vm.map_memory(&mem)?;
+    vm.create_pc_irqchip()?;
+
+    let exit = Arc::new(ExitState::new().map_err(|e| VmmError::Io {
+        what: "eventfd".into(),
+        source: e,
+    })?);
+    let exit_handle: Arc<dyn ExitHandle> = exit.clone();
+
+    // The PC chipset on the port bus.
+    let mut pio = Bus::new();
+    let serial = Arc::new(Mutex::new(Serial::new(
+        vm.edge_interrupt(serial::COM1_IRQ)?,
+        Box::new(sink),
+    )));
+    insert(
+        &mut pio,
+        serial::COM1_PORT,
+        serial::UART_PORT_LEN,
+        serial.clone(),
+    )?;
+    let kbd = I8042::new(vm.edge_interrupt(i8042::KBD_IRQ)?, exit_handle.clone());
+    insert(
+        &mut pio,
+        i8042::I8042_BASE,
+        i8042::I8042_LEN,
+        Arc::new(Mutex::new(kbd)),
+    )?;
+    let rtc = Cmos::new(
+        cmos::MemoryLayout {
+            low_end: map.low_end,
+            high_size: map.high_size,
+        },
+        cpus,
+    );
+    insert(
+        &mut pio,
+        cmos::CMOS_PORT,
+        cmos::CMOS_LEN,
+        Arc::new(Mutex::new(rtc)),
+    )?;
+    insert(
+        &mut pio,
+        acpi_pm::PM_BASE,
+        acpi_pm::PM_LEN,
+        Arc::new(Mutex::new(AcpiPm::new(exit_handle.clone()))),
+    )?;
+    insert(
+        &mut pio,
+        pvpanic::PVPANIC_PORT,
+        1,
+        Arc::new(Mutex::new(PvPanic::new(exit_handle.clone()))),
+    )?;
+    let mut root = PciRoot::new();
+    root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    for (devfn, what) in root.describe() {
+        tracing::info!("pci {devfn}: {what}, no interrupt");
+    }
+    insert(
+        &mut pio,
+        pci::PCI_CONFIG_IO_BASE,
+        pci::PCI_CONFIG_IO_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(
+            Arc::new(root),
+            exit_handle.clone(),
+        ))),
+    )?;
+
+    // What the guest finds in memory.
+    let rsdp = write_acpi_tables(
+        &mem,
+        &AcpiPlatform {
+            cpus,
+            pm1_evt_blk: acpi_pm::PM_BASE as u16,
+            pm1_evt_len: acpi_pm::PM1_EVT_LEN,
+            pm1_cnt_blk: (acpi_pm::PM_BASE + acpi_pm::PM1A_CNT_OFFSET) as u16,
+            pm1_cnt_len: acpi_pm::PM1_CNT_LEN,
+            sci_irq: acpi_pm::SCI_IRQ,
+            s5_slp_typ: acpi_pm::S5_SLP_TYP as u8,
+            reset_port: (pci::PCI_CONFIG_IO_BASE + pci::RESET_CONTROL_OFFSET) as u16,
+            reset_value: pci::RESET_VALUE,
+            century_cmos_index: 0x32,
+            pvpanic_port: pvpanic::PVPANIC_PORT as u16,
+        },
+    )?;
+    let boot_state = load_linux(&mem, &map, &cfg.boot, rsdp)?;
+
+    // vCPUs.
+    let supported = hv.supported_cpuid()?;
+    let msrs = msr::boot_msrs();
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus = Vec::new();
+    for id in 0..cpus {
+        let mut v = vm.create_vcpu(id)?;
+        let mut cpuid = supported.clone();
+        patch_for_vcpu(&mut cpuid, id, cpus);
+        v.configure(&cpuid, &msrs)?;
+        if id == 0 {
+            v.set_boot_state(&boot_state)?;
+        }
+        vcpus.push(v);
+    }
+    let mut threads = Vec::new();
+    for (id, v) in vcpus.into_iter().enumerate() {
+        let ctx = vcpu::VcpuThreadContext {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+        };
+        match vcpu::spawn(id as u8, v, ctx) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                vcpu::stop_all(&stop, threads);
+                return Err(VmmError::Io {
+                    what: "starting a vCPU thread".into(),
+                    source: e,
+                });
+            }
+        }
+    }
+    tracing::info!(
+        "guest started: {} MiB, {} vCPU(s), kernel {}",
+        cfg.memory >> 20,
+        cpus,
+        cfg.boot.kernel.display()
+    );
+
+    let result = event_loop(&exit, &serial, input, signals);
+    vcpu::stop_all(&stop, threads);
+    lock(&serial).flush();
+    drop(vm);
+    result
+}
+
+fn event_loop(
+    exit: &Arc<ExitState>,
+    serial: &Arc<Mutex<Serial>>,
+    input: ConsoleInput,
+    signals: &SignalPipes,
+) -> Result<Outcome, VmmError> {
+    let ev_err = |e: event_manager::Error| VmmError::EventLoop(e.to_string());
+    let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(ev_err)?;
+    em.add_subscriber(Box::new(ExitWatcher(exit.clone())));
+    em.add_subscriber(Box::new(ConsoleInputHandler::new(input, serial.clone())));
+    em.add_subscriber(Box::new(signals.watcher(exit.clone())?));
+    loop {
+        // The timeout bounds how long console output waits in its buffer.
+        em.run_with_timeout(50).map_err(ev_err)?;
+        lock(serial).flush();
+        if let Some(o) = exit.outcome() {
+            return Ok(o);
+        }
+    }
+}
+
+/// Wakes the loop when a device or vCPU ends the run.
+struct ExitWatcher(Arc<ExitState>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            tracing::error!("exit eventfd: {e}");
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.eventfd().read();
+    }
+}
+
+/// SIGINT and SIGTERM, delivered to the event loop through a socket pair each.
+struct SignalPipes {
+    pipes: Vec<(i32, UnixStream, signal_hook::SigId)>,
+}
+
+impl SignalPipes {
+    fn install() -> Result<Self, VmmError> {
+        let mut pipes = Vec::new();
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let io = |source| VmmError::Io {
+                what: "installing signal handlers".into(),
+                source,
+            };
+            let (r, w) = UnixStream::pair().map_err(io)?;
+            r.set_nonblocking(true).map_err(io)?;
+            let id = signal_hook::low_level::pipe::register(sig, w).map_err(io)?;
+            pipes.push((sig, r, id));
+        }
+        Ok(Self { pipes })
+    }
+
+    fn watcher(&self, exit: Arc<ExitState>) -> Result<SignalWatcher, VmmError> {
+        let mut readers = Vec::new();
+        for (sig, r, _) in &self.pipes {
+            let r = r.try_clone().map_err(|source| VmmError::Io {
+                what: "signal pipe".into(),
+                source,
+            })?;
+            readers.push((*sig, r));
+        }
+        Ok(SignalWatcher { readers, exit })
+    }
+
+    fn uninstall(self) {
+        for (_, _, id) in self.pipes {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+struct SignalWatcher {
+    readers: Vec<(i32, UnixStream)>,
+    exit: Arc<ExitState>,
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, (_, r)) in self.readers.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(r, i as u32, EventSet::IN)) {
+                tracing::error!("signal pipe: {e}");
+            }
+        }
+    }
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        use std::io::Read;
+        if let Some((sig, r)) = self.readers.get_mut(events.data() as usize) {
+            let mut buf = [0u8; 16];
+            let _ = r.read(&mut buf);
+            tracing::info!("signal {sig}: stopping the guest");
+            self.exit.set(Outcome::Signal(*sig));
+        }
+    }
+}
