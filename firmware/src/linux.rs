@@ -102,6 +102,33 @@ const KERNEL_BOOT_FLAG: u16 = 0xaa55;
 /// Where the initrd may end when the header gives no limit (boot protocol < 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
+/// Checks that `path` is a bzImage with a 64-bit entry point, without touching guest memory,
+/// so a wrong file is reported before anything else is set up.
+pub fn check_bzimage(path: &Path) -> Result<(), FirmwareError> {
+    use std::io::Read;
+    let mut head = [0u8; 0x240];
+    let mut f = File::open(path).map_err(|source| FirmwareError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not = || FirmwareError::NotBzImage {
+        path: path.to_path_buf(),
+    };
+    f.read_exact(&mut head).map_err(|_| not())?;
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let magic = u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]);
+    // "HdrS", and LOADED_HIGH: a bzImage rather than an old zImage.
+    if magic != HDR_MAGIC || u16_at(0x1fe) != KERNEL_BOOT_FLAG || head[0x211] & 1 == 0 {
+        return Err(not());
+    }
+    if u16_at(0x206) < 0x020c || u16_at(0x236) & XLF_KERNEL_64 == 0 {
+        return Err(FirmwareError::NotX86_64 {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> FirmwareError {
     move |e| FirmwareError::GuestMemory {
         what,
@@ -350,6 +377,37 @@ mod tests {
         assert!(matches!(
             load_linux(&mem(), &map, &spec, 0),
             Err(FirmwareError::OpenKernel { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A file with just enough of a bzImage header to pass `check_bzimage`.
+    pub fn fake_bzimage(path: &Path, xloadflags: u16) {
+        let mut h = vec![0u8; 0x1000];
+        h[0x1fe..0x200].copy_from_slice(&KERNEL_BOOT_FLAG.to_le_bytes());
+        h[0x202..0x206].copy_from_slice(&HDR_MAGIC.to_le_bytes());
+        h[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        h[0x211] = 1;
+        h[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        std::fs::write(path, h).unwrap();
+    }
+
+    #[test]
+    fn header_check() {
+        let dir = std::env::temp_dir().join(format!("ferry-hdr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        fake_bzimage(&k, 1);
+        check_bzimage(&k).unwrap();
+        fake_bzimage(&k, 0);
+        assert!(matches!(
+            check_bzimage(&k),
+            Err(FirmwareError::NotX86_64 { .. })
+        ));
+        std::fs::write(&k, b"short").unwrap();
+        assert!(matches!(
+            check_bzimage(&k),
+            Err(FirmwareError::NotBzImage { .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -239,6 +239,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unix_socket_console_carries_both_ways() {
+        use event_manager::{EventManager, SubscriberOps};
+        use ferry_devices::{BusDevice, EdgeInterrupt};
+
+        struct NoIrq;
+        impl EdgeInterrupt for NoIrq {
+            fn trigger(&self) {}
+        }
+
+        let path = std::env::temp_dir().join(format!("ferry-console-{}.sock", std::process::id()));
+        let console = Console::open(&SerialMode::Unix(path.clone())).unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(Arc::new(NoIrq), console.sink)));
+        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
+        em.add_subscriber(Box::new(ConsoleInputHandler::new(
+            console.input,
+            serial.clone(),
+        )));
+
+        // Output before anyone connects is dropped, never blocking the guest.
+        lock(&serial).write(0, b"x");
+        let mut client = UnixStream::connect(&path).unwrap();
+        em.run_with_timeout(1000).unwrap();
+        for b in b"hi\n" {
+            lock(&serial).write(0, &[*b]);
+        }
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi\n");
+
+        client.write_all(b"k").unwrap();
+        em.run_with_timeout(1000).unwrap();
+        let mut rbr = [0u8];
+        lock(&serial).read(0, &mut rbr);
+        assert_eq!(rbr[0], b'k');
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_replace_a_regular_file() {
+        let path = std::env::temp_dir().join(format!("ferry-console-{}.txt", std::process::id()));
+        std::fs::write(&path, "keep me").unwrap();
+        assert!(Console::open(&SerialMode::Unix(path.clone())).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn parses_serial_modes() {
         assert_eq!("stdio".parse::<SerialMode>(), Ok(SerialMode::Stdio));
         assert_eq!(

@@ -39,12 +39,12 @@ pub struct VmConfig {
 /// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     validate(cfg)?;
+    let hv = KvmHypervisor::new()?;
     if let Some(why) = host::kvm_without_hardware_virtualization() {
         tracing::warn!(
             "this host has no hardware virtualization ({why}): guest code will be emulated and very slow"
         );
     }
-    let hv = KvmHypervisor::new()?;
     let max = hv.max_vcpus();
     if cfg.cpus as usize > max {
         return Err(VmmError::Config(format!(
@@ -103,6 +103,7 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
             cfg.boot.kernel.display()
         )));
     }
+    ferry_firmware::linux::check_bzimage(&cfg.boot.kernel)?;
     if let Some(i) = &cfg.boot.initrd {
         if !i.is_file() {
             return Err(VmmError::Config(format!(

@@ -1,6 +1,7 @@
-//! The MSRs a 64-bit Linux guest expects to find in a known state at boot.
+//! The MSRs a 64-bit Linux guest expects to find in a known state at boot. The TSC is left
+//! alone: KVM synchronizes it across vCPUs when they are created, and a later write per vCPU
+//! can leave them apart.
 
-const IA32_TSC: u32 = 0x10;
 const IA32_SYSENTER_CS: u32 = 0x174;
 const IA32_SYSENTER_ESP: u32 = 0x175;
 const IA32_SYSENTER_EIP: u32 = 0x176;
@@ -26,7 +27,6 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
         (KERNEL_GS_BASE, 0),
         (SYSCALL_MASK, 0),
         (LSTAR, 0),
-        (IA32_TSC, 0),
         (IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]

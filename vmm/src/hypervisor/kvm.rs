@@ -26,6 +26,8 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
@@ -73,16 +75,23 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(call_err("report its supported CPUID"))?;
+        // KVM emulates the TSC-deadline timer but leaves the bit to the VMM; without it the
+        // guest calibrates its LAPIC timer against the PIT, slowly and unreliably when nested.
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(cpuid
             .as_slice()
             .iter()
             .map(|e| CpuidEntry {
+                ecx: if e.function == 1 && tsc_deadline {
+                    e.ecx | LEAF1_ECX_TSC_DEADLINE
+                } else {
+                    e.ecx
+                },
                 function: e.function,
                 index: e.index,
                 flags: e.flags,
                 eax: e.eax,
                 ebx: e.ebx,
-                ecx: e.ecx,
                 edx: e.edx,
             })
             .collect())

@@ -1,0 +1,175 @@
+#!/bin/sh
+# Guest scenarios for ferry: each boots the guest kit on a real /dev/kvm and checks what
+# comes back on the serial console and in ferry's exit status. POSIX sh (busybox in the
+# test host). Env: FERRY, KERNEL, INITRD (defaults: files next to this script), OUT (logs).
+# Prints one line per scenario: `FERRY-TEST <name> PASS` or `FERRY-TEST <name> FAIL: why`,
+# then `FERRY-TESTS-DONE total=N failed=M`; exits 1 if any failed.
+# Usage: scenarios.sh [NAME...]   (no names: all scenarios)
+
+here=$(cd "$(dirname "$0")" && pwd)
+FERRY=${FERRY:-$here/ferry}
+KERNEL=${KERNEL:-$here/vmlinuz}
+INITRD=${INITRD:-$here/initramfs.cpio.gz}
+OUT=${OUT:-/tmp/ferry-scenarios}
+# quiet: console output costs a VM exit per byte; the markers are printed by /init anyway.
+BASE_CMDLINE="console=ttyS0 quiet panic=-1"
+mkdir -p "$OUT"
+total=0 failed=0
+
+pass() { total=$((total + 1)); echo "FERRY-TEST $1 PASS"; }
+fail() {
+    total=$((total + 1)); failed=$((failed + 1))
+    echo "FERRY-TEST $1 FAIL: $2"
+    [ -f "$OUT/$1.log" ] && { echo "--- last lines of $OUT/$1.log:"; tail -n 25 "$OUT/$1.log"; echo "---"; }
+}
+
+b64() { printf '%s' "$1" | base64 | tr -d '\n'; }
+
+# boot NAME SCRIPT [ferry run args...]: runs the guest in the foreground; sets $rc.
+boot() {
+    name=$1 script=$2; shift 2
+    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$BASE_CMDLINE ${EXTRA_CMDLINE:-}ferry.script=$(b64 "$script")" "$@" \
+        >"$OUT/$name.log" 2>&1
+    rc=$?
+}
+
+# start NAME SCRIPT [args...]: runs the guest in the background; sets $pid.
+start() {
+    name=$1 script=$2; shift 2
+    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$BASE_CMDLINE ferry.script=$(b64 "$script")" "$@" >"$OUT/$name.log" 2>&1 &
+    pid=$!
+}
+
+# wait_for FILE PATTERN COUNT SECONDS: until PATTERN occurs COUNT times in FILE.
+wait_for() {
+    i=0
+    while [ "$i" -lt "$4" ]; do
+        [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "$3" ] && return 0
+        sleep 1; i=$((i + 1))
+    done
+    return 1
+}
+
+# value KEY LOG: the value of a KEY=value line the guest printed.
+value() { sed -n "s/^$1=//p" "$2" | tr -d '\r' | head -n 1; }
+
+# The facts every boot reports.
+FACTS='echo NPROC=$(nproc)
+echo MEMKB=$(awk "/MemTotal/ {print \$2}" /proc/meminfo)
+echo PCI=$(cat /sys/bus/pci/devices/0000:00:00.0/vendor):$(cat /sys/bus/pci/devices/0000:00:00.0/device)
+echo SHOUT=$(echo hello from the guest | tr a-z A-Z)'
+
+# check_boot NAME LOG CPUS MIN_KB MAX_KB: a clean boot, poweroff and the facts.
+check_boot() {
+    n=$1 log=$2
+    [ "$rc" = 0 ] || { fail "$n" "ferry exited $rc, expected 0 after the guest's poweroff"; return; }
+    grep -q '^GUEST-READY' "$log" || { fail "$n" "no GUEST-READY line"; return; }
+    grep -q '^GUEST-SCRIPT-END rc=0' "$log" || { fail "$n" "the guest script did not finish cleanly"; return; }
+    [ "$(value NPROC "$log")" = "$3" ] || { fail "$n" "nproc is '$(value NPROC "$log")', expected $3"; return; }
+    kb=$(value MEMKB "$log")
+    { [ -n "$kb" ] && [ "$kb" -ge "$4" ] && [ "$kb" -le "$5" ]; } ||
+        { fail "$n" "guest MemTotal ${kb:-?} kB is outside $4..$5"; return; }
+    [ "$(value PCI "$log")" = "0x8086:0x1237" ] || { fail "$n" "host bridge reads '$(value PCI "$log")'"; return; }
+    [ "$(value SHOUT "$log")" = "HELLO FROM THE GUEST" ] || { fail "$n" "command output wrong"; return; }
+    pass "$n"
+}
+
+sc_smp1_256m() {
+    boot smp1_256m "$FACTS" --memory 256M --cpus 1
+    check_boot smp1_256m "$OUT/smp1_256m.log" 1 200000 262144
+}
+
+# Two vCPUs, and the console written to a file instead of stdout.
+sc_smp2_serial_file() {
+    rm -f "$OUT/smp2.serial"
+    boot smp2_serial_file "$FACTS" --memory 512M --cpus 2 --serial "file:$OUT/smp2.serial"
+    cat "$OUT/smp2.serial" >>"$OUT/smp2_serial_file.log"
+    check_boot smp2_serial_file "$OUT/smp2.serial" 2 400000 524288
+}
+
+# RAM split around the PCI hole: 3 GiB below 4 GiB, the rest above.
+sc_mem_3g5() {
+    boot mem_3g5 "$FACTS" --memory 3584M --cpus 1
+    check_boot mem_3g5 "$OUT/mem_3g5.log" 1 3400000 3670016
+}
+
+sc_mem_5g() {
+    boot mem_5g "$FACTS" --memory 5G --cpus 2
+    check_boot mem_5g "$OUT/mem_5g.log" 2 5000000 5242880
+}
+
+# reboot through the ACPI reset register (Linux's default) and through the i8042.
+check_reset() {
+    n=$1 log=$OUT/$1.log
+    [ "$rc" = 0 ] || { fail "$n" "ferry exited $rc, expected 0 after the guest's reboot"; return; }
+    grep -q 'the guest reset' "$log" || { fail "$n" "ferry did not see a reset"; return; }
+    grep -q '^GUEST-SCRIPT-END' "$log" && { fail "$n" "the guest finished its script instead of rebooting"; return; }
+    pass "$n"
+}
+sc_reboot_acpi() {
+    EXTRA_CMDLINE="reboot=acpi "; boot reboot_acpi 'reboot -f' --memory 256M; EXTRA_CMDLINE=
+    check_reset reboot_acpi
+}
+sc_reboot_kbd() {
+    EXTRA_CMDLINE="reboot=k "; boot reboot_kbd 'reboot -f' --memory 256M; EXTRA_CMDLINE=
+    check_reset reboot_kbd
+}
+
+# --reboot boots the guest again; SIGTERM then stops ferry cleanly (128 + 15).
+sc_reboot_restart_sigterm() {
+    n=reboot_restart_sigterm
+    start $n 'reboot -f' --memory 256M --reboot
+    if wait_for "$OUT/$n.log" '^GUEST-READY' 2 600; then
+        kill -TERM "$pid"; wait "$pid"; rc=$?
+        [ "$rc" = 143 ] || { fail $n "ferry exited $rc after SIGTERM, expected 143"; return; }
+        pass $n
+    else
+        kill -KILL "$pid" 2>/dev/null; wait "$pid"
+        fail $n "the guest did not boot a second time"
+    fi
+}
+
+# Ctrl-C stops a running guest: exit 130.
+sc_sigint() {
+    n=sigint
+    start $n 'echo SLEEPING; sleep 600' --memory 256M
+    if wait_for "$OUT/$n.log" '^SLEEPING' 1 600; then
+        kill -INT "$pid"; wait "$pid"; rc=$?
+        [ "$rc" = 130 ] || { fail $n "ferry exited $rc after SIGINT, expected 130"; return; }
+        pass $n
+    else
+        kill -KILL "$pid" 2>/dev/null; wait "$pid"
+        fail $n "the guest script never started"
+    fi
+}
+
+# A guest kernel panic (reported through pvpanic) ends ferry with exit code 3.
+sc_panic() {
+    boot panic 'echo c > /proc/sysrq-trigger' --memory 256M
+    [ "$rc" = 3 ] || { fail panic "ferry exited $rc after a guest panic, expected 3"; return; }
+    grep -q 'panicked' "$OUT/panic.log" || { fail panic "no panic message"; return; }
+    pass panic
+}
+
+# The full kit (with fio and its libraries) runs fio with verification on a tmpfs file.
+sc_kit_fio() {
+    n=kit_fio
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    boot $n 'fio --version
+fio --name=t --filename=/tmp/f --size=8M --rw=randwrite --bs=4k --verify=crc32c --output-format=terse >/dev/null && echo FIO=ok' --memory 512M
+    INITRD=$small
+    [ "$rc" = 0 ] || { fail $n "ferry exited $rc"; return; }
+    grep -q '^fio-' "$OUT/$n.log" || { fail $n "fio did not run"; return; }
+    [ "$(value FIO "$OUT/$n.log")" = ok ] || { fail $n "fio verify failed"; return; }
+    pass $n
+}
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic"
+for s in ${*:-$all}; do
+    echo "FERRY-TEST-START $s"
+    "sc_$s"
+done
+echo "FERRY-TESTS-DONE total=$total failed=$failed"
+[ "$failed" = 0 ]
