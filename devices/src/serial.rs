@@ -49,11 +49,6 @@ impl Serial {
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
     }
-
-    /// Pushes buffered console output to its sink.
-    pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
-    }
 }
 
 impl BusDevice for Serial {

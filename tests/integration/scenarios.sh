@@ -117,32 +117,29 @@ sc_reboot_kbd() {
     check_reset reboot_kbd
 }
 
-# --reboot boots the guest again; SIGTERM then stops ferry cleanly (128 + 15).
-sc_reboot_restart_sigterm() {
-    n=reboot_restart_sigterm
-    start $n 'reboot -f' --memory 256M --reboot
-    if wait_for "$OUT/$n.log" '^GUEST-READY' 2 600; then
-        kill -TERM "$pid"; wait "$pid"; rc=$?
-        [ "$rc" = 143 ] || { fail $n "ferry exited $rc after SIGTERM, expected 143"; return; }
-        pass $n
+# stop_by_signal NAME SIGNAL CODE MARKER COUNT SCRIPT [args...]: once MARKER has appeared
+# COUNT times on the console, send SIGNAL to ferry and expect exit code CODE.
+stop_by_signal() {
+    n=$1 sig=$2 code=$3 marker=$4 count=$5 script=$6; shift 6
+    start "$n" "$script" "$@"
+    if wait_for "$OUT/$n.log" "$marker" "$count" 600; then
+        kill "-$sig" "$pid"; wait "$pid"; rc=$?
+        [ "$rc" = "$code" ] || { fail "$n" "ferry exited $rc after SIG$sig, expected $code"; return; }
+        pass "$n"
     else
         kill -KILL "$pid" 2>/dev/null; wait "$pid"
-        fail $n "the guest did not boot a second time"
+        fail "$n" "'$marker' did not appear $count time(s)"
     fi
+}
+
+# --reboot boots the guest again; SIGTERM then stops ferry cleanly (128 + 15).
+sc_reboot_restart_sigterm() {
+    stop_by_signal reboot_restart_sigterm TERM 143 '^GUEST-READY' 2 'reboot -f' --memory 256M --reboot
 }
 
 # Ctrl-C stops a running guest: exit 130.
 sc_sigint() {
-    n=sigint
-    start $n 'echo SLEEPING; sleep 600' --memory 256M
-    if wait_for "$OUT/$n.log" '^SLEEPING' 1 600; then
-        kill -INT "$pid"; wait "$pid"; rc=$?
-        [ "$rc" = 130 ] || { fail $n "ferry exited $rc after SIGINT, expected 130"; return; }
-        pass $n
-    else
-        kill -KILL "$pid" 2>/dev/null; wait "$pid"
-        fail $n "the guest script never started"
-    fi
+    stop_by_signal sigint INT 130 '^SLEEPING' 1 'echo SLEEPING; sleep 600' --memory 256M
 }
 
 # A guest kernel panic (reported through pvpanic) ends ferry with exit code 3.

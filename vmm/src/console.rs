@@ -7,11 +7,13 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use ferry_devices::bus::lock;
 use ferry_devices::serial::Serial;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::VmmError;
 
@@ -84,15 +86,55 @@ impl ConsoleInput {
 }
 
 /// One console sink shared by the UARTs of successive boots (a guest reboot keeps its log).
+/// Writes from vCPU threads are buffered; the first write after a flush wakes the event loop,
+/// which flushes shortly after, so an idle guest costs no periodic wake-ups.
 #[derive(Clone)]
-pub struct SharedSink(pub Arc<Mutex<Box<dyn Write + Send>>>);
+pub struct SharedSink(Arc<SinkState>);
+
+struct SinkState {
+    out: Mutex<Box<dyn Write + Send>>,
+    pending: AtomicBool,
+    wake: EventFd,
+}
+
+impl SharedSink {
+    pub fn new(out: Box<dyn Write + Send>) -> io::Result<Self> {
+        Ok(Self(Arc::new(SinkState {
+            out: Mutex::new(out),
+            pending: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })))
+    }
+
+    /// Whether output waits in the buffer.
+    pub fn pending(&self) -> bool {
+        self.0.pending.load(Ordering::Acquire)
+    }
+
+    /// Pushes buffered output out.
+    pub fn flush_pending(&self) {
+        if self.0.pending.swap(false, Ordering::AcqRel) {
+            let _ = lock(&self.0.out).flush();
+        }
+    }
+
+    /// Readable when output became pending.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.0.wake
+    }
+}
 
 impl Write for SharedSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        lock(&self.0).write(buf)
+        let n = lock(&self.0.out).write(buf)?;
+        if !self.0.pending.swap(true, Ordering::AcqRel) {
+            let _ = self.0.wake.write(1);
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        lock(&self.0).flush()
+        self.flush_pending();
+        Ok(())
     }
 }
 

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use ferry_devices::acpi_pm::{self, AcpiPm};
-use ferry_devices::bus::lock;
 use ferry_devices::cmos::{self, Cmos};
 use ferry_devices::i8042::{self, I8042};
 use ferry_devices::pci::{self, DevFn, HostBridge, PciConfigIo, PciRoot};
@@ -21,8 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, SharedSink};
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
-use crate::hypervisor::kvm::KvmHypervisor;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{self, Hypervisor};
 use crate::{host, msr, vcpu, VmmError};
 
 /// Everything one `ferry run` needs.
@@ -39,7 +37,7 @@ pub struct VmConfig {
 /// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     validate(cfg)?;
-    let hv = KvmHypervisor::new()?;
+    let hv = hypervisor::open()?;
     if let Some(why) = host::kvm_without_hardware_virtualization() {
         tracing::warn!(
             "this host has no hardware virtualization ({why}): guest code will be emulated and very slow"
@@ -53,14 +51,17 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         )));
     }
     let console = Console::open(&cfg.serial)?;
-    let sink = SharedSink(Arc::new(Mutex::new(console.sink)));
+    let sink = SharedSink::new(console.sink).map_err(|e| VmmError::Io {
+        what: "eventfd".into(),
+        source: e,
+    })?;
     let signals = SignalPipes::install()?;
     let outcome = loop {
         let input = console.input.try_clone().map_err(|e| VmmError::Io {
             what: "console input".into(),
             source: e,
         })?;
-        let outcome = boot_once(&hv, cfg, sink.clone(), input, &signals)?;
+        let outcome = boot_once(hv.as_ref(), cfg, sink.clone(), input, &signals)?;
         match outcome {
             Outcome::Reset if cfg.reboot => {
                 tracing::info!("the guest reset; booting it again (--reboot)");
@@ -126,7 +127,7 @@ fn insert(
 }
 
 fn boot_once(
-    hv: &KvmHypervisor,
+    hv: &dyn Hypervisor,
     cfg: &VmConfig,
     sink: SharedSink,
     input: ConsoleInput,
@@ -158,7 +159,7 @@ fn boot_once(
     let mut pio = Bus::new();
     let serial = Arc::new(Mutex::new(Serial::new(
         vm.edge_interrupt(serial::COM1_IRQ)?,
-        Box::new(sink),
+        Box::new(sink.clone()),
     )));
     insert(
         &mut pio,
@@ -275,9 +276,9 @@ fn boot_once(
         cfg.boot.kernel.display()
     );
 
-    let result = event_loop(&exit, &serial, input, signals);
+    let result = event_loop(&exit, &serial, &sink, input, signals);
     vcpu::stop_all(&stop, threads);
-    lock(&serial).flush();
+    sink.flush_pending();
     drop(vm);
     result
 }
@@ -285,6 +286,7 @@ fn boot_once(
 fn event_loop(
     exit: &Arc<ExitState>,
     serial: &Arc<Mutex<Serial>>,
+    sink: &SharedSink,
     input: ConsoleInput,
     signals: &SignalPipes,
 ) -> Result<Outcome, VmmError> {
@@ -294,13 +296,35 @@ fn event_loop(
     em.add_subscriber(Box::new(ExitWatcher(exit.clone())));
     em.add_subscriber(Box::new(ConsoleInputHandler::new(input, serial.clone())));
     em.add_subscriber(Box::new(signals.watcher(exit.clone())?));
+    em.add_subscriber(Box::new(ConsoleFlusher(sink.clone())));
     loop {
-        // The timeout bounds how long console output waits in its buffer.
-        em.run_with_timeout(50).map_err(ev_err)?;
-        lock(serial).flush();
+        // While console output is buffered, wake up soon to push it out (a prompt without a
+        // newline must still reach the user); otherwise sleep until something happens.
+        let timeout = if sink.pending() { 20 } else { -1 };
+        em.run_with_timeout(timeout).map_err(ev_err)?;
         if let Some(o) = exit.outcome() {
             return Ok(o);
         }
+        if !sink.pending() {
+            continue;
+        }
+        // Let a burst finish (each byte is a VM exit) before the write to the host.
+        em.run_with_timeout(20).map_err(ev_err)?;
+        sink.flush_pending();
+    }
+}
+
+/// Wakes the loop when console output becomes pending.
+struct ConsoleFlusher(SharedSink);
+
+impl MutEventSubscriber for ConsoleFlusher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.wake_fd(), EventSet::IN)) {
+            tracing::error!("console eventfd: {e}");
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.wake_fd().read();
     }
 }
 

@@ -58,6 +58,11 @@ pub enum HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// Opens this host's hypervisor: KVM on Linux (Hypervisor.framework on macOS comes later).
+pub fn open() -> Result<Box<dyn Hypervisor>> {
+    Ok(Box::new(kvm::KvmHypervisor::new()?))
+}
+
 /// One hypervisor on this host.
 pub trait Hypervisor {
     /// The most vCPUs one VM may have.
