@@ -99,6 +99,8 @@ const XLF_KERNEL_64: u16 = 1;
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 const CAN_USE_HEAP: u8 = 0x80;
 const KERNEL_BOOT_FLAG: u16 = 0xaa55;
+/// The 64-bit entry point sits this far into the protected-mode kernel.
+const ENTRY_64_OFFSET: u64 = 0x200;
 /// Where the initrd may end when the header gives no limit (boot protocol < 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
@@ -175,8 +177,18 @@ pub fn load_linux(
             path: spec.kernel.clone(),
         });
     }
-    // The decompressed kernel needs init_size bytes from its load address.
-    let kernel_end = KERNEL_START + u64::from(hdr.init_size).max(loaded.kernel_end - KERNEL_START);
+    // linux-loader put the protected-mode kernel at the header's code32_start (at or above
+    // KERNEL_START, not necessarily at it). The 64-bit entry point lies ENTRY_64_OFFSET bytes
+    // into it, so a shorter image has none; the decompressed kernel needs init_size bytes from
+    // the load address.
+    let load = loaded.kernel_load.0;
+    let image_len = loaded.kernel_end - load;
+    if image_len <= ENTRY_64_OFFSET {
+        return Err(FirmwareError::NotBzImage {
+            path: spec.kernel.clone(),
+        });
+    }
+    let kernel_end = load + u64::from(hdr.init_size).max(image_len);
     if kernel_end > map.low_end {
         return Err(FirmwareError::KernelTooBig {
             path: spec.kernel.clone(),
@@ -256,8 +268,7 @@ pub fn load_linux(
     }
 
     Ok(BootCpuState {
-        // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
-        rip: loaded.kernel_load.0 + 0x200,
+        rip: load + ENTRY_64_OFFSET,
         rsp: BOOT_STACK,
         rsi: ZERO_PAGE_ADDR,
         cr0: CR0_PE | CR0_ET | CR0_PG,
@@ -409,6 +420,46 @@ mod tests {
             check_bzimage(&k),
             Err(FirmwareError::NotBzImage { .. })
         ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_image_without_entry_point_or_room() {
+        // Found by fuzz/bzimage_header: a header whose code32_start is the end of RAM and no
+        // protected-mode code loaded with rip = 0x400_0200, outside the 64 MiB guest.
+        let dir = std::env::temp_dir().join(format!("ferry-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        let map = MemoryMap::new(64 << 20).unwrap();
+        let spec = LinuxBootSpec {
+            kernel: k.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let image = |code32_start: u32, init_size: u32, payload: usize| {
+            fake_bzimage(&k, XLF_KERNEL_64);
+            let mut h = std::fs::read(&k).unwrap();
+            h[0x1f1] = 1; // setup_sects: the protected-mode code starts at 0x400
+            h.truncate(0x400);
+            h[0x214..0x218].copy_from_slice(&code32_start.to_le_bytes());
+            h[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+            h.resize(0x400 + payload, 0x90);
+            std::fs::write(&k, h).unwrap();
+        };
+        image(64 << 20, 16 << 20, 0);
+        assert!(matches!(
+            load_linux(&mem(), &map, &spec, 0),
+            Err(FirmwareError::NotBzImage { .. })
+        ));
+        // init_size counts from where the kernel is loaded, not from KERNEL_START.
+        image(56 << 20, 16 << 20, 0x1000);
+        assert!(matches!(
+            load_linux(&mem(), &map, &spec, 0),
+            Err(FirmwareError::KernelTooBig { .. })
+        ));
+        image(KERNEL_START as u32, 16 << 20, 0x1000);
+        let state = load_linux(&mem(), &map, &spec, 0).unwrap();
+        assert_eq!(state.rip, KERNEL_START + ENTRY_64_OFFSET);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
