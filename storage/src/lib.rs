@@ -1,15 +1,26 @@
-//! ferry-storage: the image layer (VDI, VMDK, VHD, Parallels, raw), chains, media and the
-//! I/O engine. The formats arrive with their own issue; this crate holds the shared error type
-//! so the seam between devices and storage exists from the start.
+//! ferry-storage: disk images (raw, VDI, VMDK, VHD, Parallels, ISO), differencing chains and
+//! probing. Every format reads and writes its host files through [`HostFile`], so crash-safety
+//! tests can fail any write; nothing here knows about devices or KVM.
 #![forbid(unsafe_code)]
 
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub mod disk;
+pub mod error;
+pub mod host_file;
+pub mod iso;
+pub mod layer;
+pub mod parallels;
+pub mod probe;
+pub mod raw;
+pub mod vdi;
+pub mod vhd;
+pub mod vmdk;
+
+pub use disk::Disk;
+pub use error::{Result, StorageError};
+pub use host_file::{HostFile, LocalFile};
+pub use layer::{
+    Allocation, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer, LowerLayers,
+    NoLowerLayers, ParentRef, Variant,
+};
+pub use probe::{create_image, open_image, FORMATS};
+pub use uuid::Uuid;

@@ -1,0 +1,139 @@
+//! One layer of a virtual disk (an image file, or a bundle of them), and the format trait
+//! that probes, opens and creates layers.
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FormatKind {
+    Raw,
+    Vdi,
+    Vmdk,
+    Vhd,
+    Parallels,
+    Iso,
+}
+
+impl FormatKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Vdi => "vdi",
+            Self::Vmdk => "vmdk",
+            Self::Vhd => "vhd",
+            Self::Parallels => "parallels",
+            Self::Iso => "iso",
+        }
+    }
+}
+
+/// How a layer's blocks are laid out on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Every block allocated up front.
+    Fixed,
+    /// Blocks allocated on first write.
+    Dynamic,
+    /// VMDK: split into 2 GiB extents (sparse when combined with dynamic allocation).
+    Split2GSparse,
+    Split2GFlat,
+    /// VMDK streamOptimized: compressed grains, append-only.
+    Stream,
+}
+
+/// How a layer names its parent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParentRef {
+    pub uuid: Option<Uuid>,
+    /// VDI: the parent's modification UUID the child was made against.
+    pub modification_uuid: Option<Uuid>,
+    /// A path the child records (VMDK parentFileNameHint, VHD parent locators).
+    pub path_hints: Vec<PathBuf>,
+}
+
+/// What a range of a layer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data stored in this layer.
+    Data,
+    /// Known zeros in this layer (hides the parent).
+    Zero,
+    /// Not in this layer: read the parent, or zeros at the bottom of the chain.
+    Unallocated,
+}
+
+/// Reads from the layers below the one being written (copy-on-write fills partial blocks).
+pub trait LowerLayers {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// Nothing below: zeros.
+pub struct NoLowerLayers;
+
+impl LowerLayers for NoLowerLayers {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+pub trait Layer: Send + Sync {
+    fn format(&self) -> FormatKind;
+    fn variant(&self) -> Variant;
+    /// The main file (the descriptor, header file or bundle folder).
+    fn path(&self) -> &Path;
+    /// Every host file the layer uses.
+    fn files(&self) -> Vec<PathBuf>;
+    fn virtual_size(&self) -> u64;
+    fn uuid(&self) -> Option<Uuid>;
+    /// VDI: changes whenever the image is written (children record it).
+    fn modification_uuid(&self) -> Option<Uuid> {
+        None
+    }
+    fn parent(&self) -> Option<ParentRef>;
+    fn writable(&self) -> bool;
+    /// The state of the run starting at `offset` and how long it is (at most `len`, at least
+    /// 1 byte when `len > 0`).
+    fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64)>;
+    /// Reads what this layer holds; unallocated ranges read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes into this layer; a block allocated for a partial write takes the rest of its
+    /// content from `lower`.
+    fn write_at(&self, buf: &[u8], offset: u64, lower: &dyn LowerLayers) -> Result<()>;
+    /// Makes every completed write durable (data, then metadata).
+    fn flush(&self) -> Result<()>;
+    /// Drops the range's data where the format can (the range then reads as zeros, or as the
+    /// parent's data in a differencing layer for ranges returned to unallocated).
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What `create` makes.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub variant: Variant,
+    /// The parent layer's identity and path, for a differencing child.
+    pub parent: Option<CreateParent>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateParent {
+    pub path: PathBuf,
+    pub uuid: Option<Uuid>,
+    pub modification_uuid: Option<Uuid>,
+    pub format: FormatKind,
+}
+
+/// One image format: recognizes, opens and creates its files.
+pub trait ImageFormat: Sync {
+    fn kind(&self) -> FormatKind;
+    /// Whether `head` (the file's first bytes, up to 4 KiB; for a folder, empty) is this format.
+    fn probe(&self, path: &Path, head: &[u8]) -> bool;
+    fn open(&self, path: &Path, writable: bool) -> Result<Box<dyn Layer>>;
+    fn create(&self, path: &Path, opts: &CreateOptions) -> Result<Box<dyn Layer>>;
+}

@@ -1,0 +1,603 @@
+//! A Parallels disk bundle: a folder `Name.hdd/` with `DiskDescriptor.xml` and one `.hds`
+//! file per (storage range, snapshot). The bundle is presented as ONE layer: its snapshot
+//! chain lives inside the folder (the descriptor's `Snapshots`), so reads walk the chain here
+//! and `parent()` is `None`; writes go to the top snapshot's files.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::image::ParallelsImage;
+use crate::error::{Result, StorageError};
+use crate::host_file::{HostFile, LocalFile};
+use crate::layer::*;
+use crate::raw::RawLayer;
+
+pub const DESCRIPTOR: &str = "DiskDescriptor.xml";
+/// The GUID Parallels gives the current (top) state of a disk.
+pub const TOP_GUID: Uuid = Uuid::from_u128(0x5fbaabe3_6958_40ff_92a7_860e329aab41);
+const SECTOR: u64 = 512;
+/// A descriptor is a few KiB; refuse anything absurd before reading it.
+const MAX_DESCRIPTOR: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageType {
+    /// An expandable Parallels image file (header + BAT).
+    Compressed,
+    /// Headerless raw data.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageImage {
+    pub guid: Uuid,
+    pub kind: ImageType,
+    pub file: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Range of the disk, in sectors.
+    pub start: u64,
+    pub end: u64,
+    pub images: Vec<StorageImage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    pub disk_size: u64,
+    pub padding: u64,
+    pub uid: Option<Uuid>,
+    pub storages: Vec<Storage>,
+    /// (GUID, parent GUID); the root's parent is the nil UUID.
+    pub shots: Vec<(Uuid, Uuid)>,
+    /// `<Snapshots><TopGUID>` when present: the current state.
+    pub top: Option<Uuid>,
+}
+
+fn parse_guid(s: &str) -> Option<Uuid> {
+    Uuid::parse_str(s.trim().trim_start_matches('{').trim_end_matches('}')).ok()
+}
+
+fn child<'a>(n: roxmltree::Node<'a, 'a>, name: &str) -> Option<roxmltree::Node<'a, 'a>> {
+    n.children()
+        .find(|c| c.is_element() && c.tag_name().name() == name)
+}
+
+fn text<'a>(n: roxmltree::Node<'a, 'a>, name: &str) -> Option<&'a str> {
+    child(n, name).map(|c| c.text().unwrap_or("").trim())
+}
+
+impl Descriptor {
+    /// Parses descriptor text; errors name `path`.
+    pub fn parse(xml: &str, path: &Path) -> Result<Self> {
+        let bad = |d: String| StorageError::corrupt(path, d);
+        let doc = roxmltree::Document::parse(xml).map_err(|e| bad(format!("bad XML: {e}")))?;
+        let root = doc.root_element();
+        if root.tag_name().name() != "Parallels_disk_image" {
+            return Err(bad(format!(
+                "root element is <{}>, expected <Parallels_disk_image>",
+                root.tag_name().name()
+            )));
+        }
+        let num = |n: roxmltree::Node, name: &str, what: &str| -> Result<u64> {
+            let t = text(n, name).ok_or_else(|| bad(format!("{what} has no <{name}>")))?;
+            t.parse::<u64>()
+                .map_err(|_| bad(format!("<{name}> of {what} is not a number: {t:?}")))
+        };
+        let params =
+            child(root, "Disk_Parameters").ok_or_else(|| bad("no <Disk_Parameters>".into()))?;
+        let disk_size = num(params, "Disk_size", "Disk_Parameters")?;
+        if disk_size.checked_mul(SECTOR).is_none() {
+            return Err(bad(format!("Disk_size of {disk_size} sectors is absurd")));
+        }
+        let padding = match text(params, "Padding") {
+            None | Some("") => 0,
+            Some(_) => num(params, "Padding", "Disk_Parameters")?,
+        };
+        let uid = text(params, "UID").and_then(parse_guid);
+        let sd = child(root, "StorageData").ok_or_else(|| bad("no <StorageData>".into()))?;
+        let mut storages = Vec::new();
+        for s in sd
+            .children()
+            .filter(|c| c.is_element() && c.tag_name().name() == "Storage")
+        {
+            let start = num(s, "Start", "a <Storage>")?;
+            let end = num(s, "End", "a <Storage>")?;
+            let mut images = Vec::new();
+            for im in s
+                .children()
+                .filter(|c| c.is_element() && c.tag_name().name() == "Image")
+            {
+                let g = text(im, "GUID").unwrap_or("");
+                let guid = parse_guid(g).ok_or_else(|| bad(format!("bad image GUID {g:?}")))?;
+                let kind = match text(im, "Type") {
+                    Some("Compressed") => ImageType::Compressed,
+                    Some("Plain") => ImageType::Plain,
+                    other => {
+                        return Err(bad(format!("image {guid} has unknown Type {other:?}")));
+                    }
+                };
+                let file = text(im, "File")
+                    .filter(|f| !f.is_empty())
+                    .ok_or_else(|| bad(format!("image {guid} has no <File>")))?
+                    .to_string();
+                images.push(StorageImage { guid, kind, file });
+            }
+            storages.push(Storage { start, end, images });
+        }
+        let mut shots = Vec::new();
+        let mut top = None;
+        if let Some(sn) = child(root, "Snapshots") {
+            if let Some(t) = text(sn, "TopGUID").filter(|t| !t.is_empty()) {
+                top = Some(parse_guid(t).ok_or_else(|| bad(format!("bad TopGUID {t:?}")))?);
+            }
+            for s in sn
+                .children()
+                .filter(|c| c.is_element() && c.tag_name().name() == "Shot")
+            {
+                let g = text(s, "GUID").unwrap_or("");
+                let guid = parse_guid(g).ok_or_else(|| bad(format!("bad snapshot GUID {g:?}")))?;
+                let p = text(s, "ParentGUID").unwrap_or("");
+                let parent = parse_guid(p)
+                    .ok_or_else(|| bad(format!("snapshot {guid} has a bad ParentGUID {p:?}")))?;
+                shots.push((guid, parent));
+            }
+        }
+        Ok(Self {
+            disk_size,
+            padding,
+            uid,
+            storages,
+            shots,
+            top,
+        })
+    }
+
+    /// The snapshot chain, top first.
+    pub fn chain(&self, path: &Path) -> Result<Vec<Uuid>> {
+        let bad = |d: String| StorageError::corrupt(path, d);
+        if self.shots.is_empty() {
+            // No <Snapshots>: one image per storage is the whole disk.
+            let guids: HashSet<Uuid> = self
+                .storages
+                .iter()
+                .flat_map(|s| s.images.iter().map(|i| i.guid))
+                .collect();
+            return match guids.len() {
+                1 => Ok(guids.into_iter().collect()),
+                _ => Err(bad(
+                    "no <Snapshots> and several image GUIDs: the top is unknown".into(),
+                )),
+            };
+        }
+        let mut parent_of = HashMap::new();
+        for &(g, p) in &self.shots {
+            if parent_of.insert(g, p).is_some() {
+                return Err(bad(format!("snapshot {g} is listed twice")));
+            }
+        }
+        let named: HashSet<Uuid> = self.shots.iter().map(|s| s.1).collect();
+        let leaves: Vec<Uuid> = self
+            .shots
+            .iter()
+            .map(|s| s.0)
+            .filter(|g| !named.contains(g))
+            .collect();
+        let top = match leaves.as_slice() {
+            _ if self.top.is_some() => {
+                let t = self.top.unwrap_or_default();
+                if !parent_of.contains_key(&t) {
+                    return Err(bad(format!("TopGUID {t} is not a listed snapshot")));
+                }
+                t
+            }
+            [one] => *one,
+            many if many.contains(&TOP_GUID) => TOP_GUID,
+            [] => {
+                return Err(bad(
+                    "the snapshots form a loop (every snapshot is some snapshot's parent)".into(),
+                ))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "{} snapshots could be the top one and none is {{{TOP_GUID}}}",
+                    leaves.len()
+                )))
+            }
+        };
+        let mut chain = vec![top];
+        let mut seen: HashSet<Uuid> = chain.iter().copied().collect();
+        let mut cur = top;
+        loop {
+            let p = parent_of[&cur];
+            if p.is_nil() {
+                return Ok(chain);
+            }
+            if !parent_of.contains_key(&p) {
+                return Err(bad(format!(
+                    "snapshot {cur} names parent {p}, which is not listed"
+                )));
+            }
+            if !seen.insert(p) {
+                return Err(bad(format!("the snapshot chain loops back to {p}")));
+            }
+            chain.push(p);
+            cur = p;
+        }
+    }
+}
+
+struct Extent {
+    start: u64,
+    len: u64,
+    /// Top snapshot first.
+    levels: Vec<Box<dyn Layer>>,
+}
+
+/// What lies below level `from` of an extent (for copy-on-write of the top level).
+struct ExtentBelow<'a> {
+    ext: &'a Extent,
+    from: usize,
+}
+
+impl LowerLayers for ExtentBelow<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_levels(&self.ext.levels[self.from..], buf, offset)
+    }
+}
+
+fn read_levels(levels: &[Box<dyn Layer>], buf: &mut [u8], offset: u64) -> Result<()> {
+    let Some(layer) = levels.first() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let mut done = 0usize;
+    while done < buf.len() {
+        let off = offset + done as u64;
+        let want = (buf.len() - done) as u64;
+        let (state, run) = layer.block_status(off, want)?;
+        let run = run.clamp(1, want) as usize;
+        let part = &mut buf[done..done + run];
+        match state {
+            Allocation::Data => layer.read_at(part, off)?,
+            Allocation::Zero => part.fill(0),
+            Allocation::Unallocated => read_levels(&levels[1..], part, off)?,
+        }
+        done += run;
+    }
+    Ok(())
+}
+
+pub struct Bundle {
+    path: PathBuf,
+    writable: bool,
+    size: u64,
+    uid: Option<Uuid>,
+    extents: Vec<Extent>,
+    files: Vec<PathBuf>,
+}
+
+/// How a bundle's files are opened (tests substitute failing files).
+pub type Opener<'a> = dyn Fn(&Path, bool) -> std::io::Result<Arc<dyn HostFile>> + 'a;
+
+impl Bundle {
+    pub fn open(dir: &Path, writable: bool) -> Result<Self> {
+        Self::open_with(dir, writable, &|p, w| {
+            LocalFile::open(p, w).map(|f| Arc::new(f) as Arc<dyn HostFile>)
+        })
+    }
+
+    pub fn open_with(dir: &Path, writable: bool, opener: &Opener) -> Result<Self> {
+        let dpath = dir.join(DESCRIPTOR);
+        let meta = std::fs::metadata(&dpath).map_err(|e| StorageError::io(&dpath, e))?;
+        if meta.len() > MAX_DESCRIPTOR {
+            return Err(StorageError::corrupt(
+                &dpath,
+                format!("{} bytes is too large for a descriptor", meta.len()),
+            ));
+        }
+        let bytes = std::fs::read(&dpath).map_err(|e| StorageError::io(&dpath, e))?;
+        let xml = String::from_utf8(bytes)
+            .map_err(|_| StorageError::corrupt(&dpath, "descriptor is not UTF-8 text"))?;
+        let d = Descriptor::parse(&xml, &dpath)?;
+        let bad = |m: String| StorageError::corrupt(&dpath, m);
+        if d.padding != 0 {
+            return Err(StorageError::Unsupported {
+                path: dpath.clone(),
+                detail: format!(
+                    "Padding={} (a padded disk Parallels makes for Windows XP/2000/2003 guests): its layout is not documented, so ferry does not guess",
+                    d.padding
+                ),
+            });
+        }
+        let chain = d.chain(&dpath)?;
+        if d.storages.is_empty() {
+            return Err(bad("no <Storage> in <StorageData>".into()));
+        }
+        let mut storages = d.storages.clone();
+        storages.sort_by_key(|s| s.start);
+        let mut expect = 0u64;
+        for s in &storages {
+            if s.start != expect {
+                return Err(bad(format!(
+                    "storage ranges leave a gap or overlap at sector {expect} (next starts at {})",
+                    s.start
+                )));
+            }
+            if s.end <= s.start {
+                return Err(bad(format!(
+                    "storage range {}..{} is empty or reversed",
+                    s.start, s.end
+                )));
+            }
+            expect = s.end;
+        }
+        if expect < d.disk_size {
+            return Err(bad(format!(
+                "storage ranges end at sector {expect}, short of Disk_size {}",
+                d.disk_size
+            )));
+        }
+        let size = d.disk_size * SECTOR;
+        let mut extents = Vec::new();
+        let mut files = vec![dpath.clone()];
+        for s in &storages {
+            if s.start >= d.disk_size {
+                break;
+            }
+            let len = (s.end.min(d.disk_size) - s.start) * SECTOR;
+            let mut levels: Vec<Box<dyn Layer>> = Vec::new();
+            for (lvl, guid) in chain.iter().enumerate() {
+                let im = s.images.iter().find(|i| i.guid == *guid).ok_or_else(|| {
+                    bad(format!(
+                        "storage {}..{} has no image for snapshot {guid}",
+                        s.start, s.end
+                    ))
+                })?;
+                let rel = Path::new(&im.file);
+                if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir))
+                {
+                    return Err(bad(format!(
+                        "image file {:?} is outside the bundle",
+                        im.file
+                    )));
+                }
+                let fpath = dir.join(rel);
+                let w = writable && lvl == 0;
+                let f = opener(&fpath, w).map_err(|e| StorageError::io(&fpath, e))?;
+                let layer: Box<dyn Layer> = match im.kind {
+                    ImageType::Compressed => Box::new(ParallelsImage::open(f, w)?),
+                    ImageType::Plain => Box::new(RawLayer::new(f, w)?),
+                };
+                if layer.virtual_size() < len {
+                    return Err(StorageError::corrupt(
+                        &fpath,
+                        format!(
+                            "holds {} bytes, but the descriptor gives its range {} bytes",
+                            layer.virtual_size(),
+                            len
+                        ),
+                    ));
+                }
+                files.push(fpath);
+                levels.push(layer);
+            }
+            extents.push(Extent {
+                start: s.start * SECTOR,
+                len,
+                levels,
+            });
+        }
+        Ok(Self {
+            path: dir.to_path_buf(),
+            writable,
+            size,
+            uid: d.uid,
+            extents,
+            files,
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(StorageError::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// The extent holding `offset` and how many bytes of it remain from there.
+    fn extent(&self, offset: u64) -> (&Extent, u64) {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        let e = &self.extents[i.min(self.extents.len() - 1)];
+        (e, e.start + e.len - offset)
+    }
+
+    /// Snapshot levels (top first) per extent: for tests and tools.
+    pub fn depth(&self) -> usize {
+        self.extents.first().map_or(0, |e| e.levels.len())
+    }
+}
+
+impl Layer for Bundle {
+    fn format(&self) -> FormatKind {
+        FormatKind::Parallels
+    }
+    fn variant(&self) -> Variant {
+        let all = self
+            .extents
+            .iter()
+            .all(|e| e.levels[0].variant() == Variant::Fixed);
+        match (self.extents.len() > 1, all) {
+            (true, true) => Variant::Split2GFlat,
+            (true, false) => Variant::Split2GSparse,
+            (false, true) => Variant::Fixed,
+            (false, false) => Variant::Dynamic,
+        }
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        self.files.clone()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn uuid(&self) -> Option<Uuid> {
+        self.uid
+    }
+    fn parent(&self) -> Option<ParentRef> {
+        None
+    }
+    fn writable(&self) -> bool {
+        self.writable
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok((Allocation::Unallocated, 0));
+        }
+        let (e, left) = self.extent(offset);
+        let rel = offset - e.start;
+        let mut want = len.min(left);
+        // The first level that holds the start decides; the run ends where any level changes.
+        for l in &e.levels {
+            let (st, run) = l.block_status(rel, want)?;
+            let run = run.clamp(1, want);
+            match st {
+                Allocation::Data | Allocation::Zero => return Ok((Allocation::Data, run)),
+                Allocation::Unallocated => want = run,
+            }
+        }
+        Ok((Allocation::Unallocated, want))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (e, left) = self.extent(off);
+            let n = (left as usize).min(buf.len() - done);
+            read_levels(&e.levels, &mut buf[done..done + n], off - e.start)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, lower: &dyn LowerLayers) -> Result<()> {
+        if !self.writable {
+            return Err(StorageError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        self.check(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (e, left) = self.extent(off);
+            let n = (left as usize).min(buf.len() - done);
+            let part = &buf[done..done + n];
+            if e.levels.len() > 1 {
+                e.levels[0].write_at(part, off - e.start, &ExtentBelow { ext: e, from: 1 })?;
+            } else {
+                // The bundle's own bottom: below it is whatever is below the bundle.
+                let shifted = Shifted {
+                    inner: lower,
+                    by: e.start,
+                };
+                e.levels[0].write_at(part, off - e.start, &shifted)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        for e in &self.extents {
+            e.levels[0].flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// `lower` seen from inside an extent that starts at `by`.
+struct Shifted<'a> {
+    inner: &'a dyn LowerLayers,
+    by: u64,
+}
+
+impl LowerLayers for Shifted<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset + self.by)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(shots: &[(&str, &str)], top: Option<&str>) -> Descriptor {
+        let g = |s: &str| parse_guid(s).unwrap();
+        Descriptor {
+            disk_size: 8,
+            padding: 0,
+            uid: None,
+            storages: vec![],
+            shots: shots.iter().map(|(a, b)| (g(a), g(b))).collect(),
+            top: top.map(g),
+        }
+    }
+
+    const A: &str = "{aaaaaaaa-0000-0000-0000-000000000001}";
+    const B: &str = "{bbbbbbbb-0000-0000-0000-000000000002}";
+    const C: &str = "{cccccccc-0000-0000-0000-000000000003}";
+    const T: &str = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+    const NIL: &str = "{00000000-0000-0000-0000-000000000000}";
+
+    #[test]
+    fn chain_order_and_choice_of_top() {
+        let p = Path::new("d.xml");
+        let g = |s: &str| parse_guid(s).unwrap();
+        // Listed in any order: top first.
+        let d = desc(&[(A, NIL), (T, B), (B, A)], None);
+        assert_eq!(d.chain(p).unwrap(), vec![g(T), g(B), g(A)]);
+        // Branches (a reverted snapshot): the predefined current GUID wins.
+        let d = desc(&[(A, NIL), (C, A), (T, A)], None);
+        assert_eq!(d.chain(p).unwrap(), vec![g(T), g(A)]);
+        // Without it, the choice is ambiguous.
+        let d = desc(&[(A, NIL), (C, A), (B, A)], None);
+        assert!(d.chain(p).is_err());
+        // An explicit TopGUID decides.
+        let d = desc(&[(A, NIL), (C, A), (B, A)], Some(C));
+        assert_eq!(d.chain(p).unwrap(), vec![g(C), g(A)]);
+        // Loops and self-parents are errors, never endless walks.
+        assert!(desc(&[(A, A)], None).chain(p).is_err());
+        assert!(desc(&[(A, B), (B, A)], Some(A)).chain(p).is_err());
+        assert!(desc(&[(A, B), (B, C), (C, B)], None).chain(p).is_err());
+        assert!(desc(&[(A, NIL), (A, NIL)], None).chain(p).is_err());
+    }
+
+    #[test]
+    fn parse_rejects_bad_numbers_and_guids() {
+        let p = Path::new("d.xml");
+        let x = |size: &str, guid: &str| {
+            format!(
+                "<Parallels_disk_image><Disk_Parameters><Disk_size>{size}</Disk_size></Disk_Parameters>\
+                 <StorageData><Storage><Start>0</Start><End>8</End><Image><GUID>{guid}</GUID>\
+                 <Type>Plain</Type><File>a.hds</File></Image></Storage></StorageData></Parallels_disk_image>"
+            )
+        };
+        assert!(Descriptor::parse(&x("8", A), p).is_ok());
+        assert!(Descriptor::parse(&x("-1", A), p).is_err());
+        assert!(Descriptor::parse(&x("eight", A), p).is_err());
+        assert!(Descriptor::parse(&x("8", "{nope}"), p).is_err());
+        assert!(Descriptor::parse("", p).is_err());
+        assert!(Descriptor::parse("<Parallels_disk_image/>", p).is_err());
+    }
+}

@@ -1,0 +1,71 @@
+//! Parallels disks: single image files ("WithoutFreeSpace" and "WithouFreSpacExt" headers)
+//! and `.hdd` bundles (a folder with `DiskDescriptor.xml`, split storages, Plain/Compressed
+//! extents and an internal snapshot chain).
+
+pub mod bundle;
+pub mod image;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use bundle::{Bundle, Descriptor};
+pub use image::ParallelsImage;
+
+use crate::error::{Result, StorageError};
+use crate::host_file::{HostFile, LocalFile};
+use crate::layer::*;
+
+pub struct ParallelsFormat;
+
+/// A bundle's `DiskDescriptor.xml` given instead of its folder.
+fn is_descriptor(path: &Path, head: &[u8]) -> bool {
+    path.file_name() == Some(bundle::DESCRIPTOR.as_ref())
+        && head.windows(21).any(|w| w == b"<Parallels_disk_image")
+}
+
+impl ImageFormat for ParallelsFormat {
+    fn kind(&self) -> FormatKind {
+        FormatKind::Parallels
+    }
+
+    fn probe(&self, path: &Path, head: &[u8]) -> bool {
+        if path.is_dir() {
+            return path.join(bundle::DESCRIPTOR).is_file();
+        }
+        image::is_parallels_header(head) || is_descriptor(path, head)
+    }
+
+    fn open(&self, path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
+        if path.is_dir() {
+            return Ok(Box::new(Bundle::open(path, writable)?));
+        }
+        if path.file_name() == Some(bundle::DESCRIPTOR.as_ref()) {
+            // The descriptor itself names its bundle.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            return Ok(Box::new(Bundle::open(
+                dir.unwrap_or(Path::new(".")),
+                writable,
+            )?));
+        }
+        let file = LocalFile::open(path, writable).map_err(|e| StorageError::io(path, e))?;
+        Ok(Box::new(ParallelsImage::open(Arc::new(file), writable)?))
+    }
+
+    fn create(&self, path: &Path, opts: &CreateOptions) -> Result<Box<dyn Layer>> {
+        if opts.parent.is_some() {
+            return Err(StorageError::Unsupported {
+                path: path.into(),
+                detail: "a Parallels image file has no field for a parent; snapshots live only inside .hdd bundles, which ferry cannot create yet".into(),
+            });
+        }
+        let file = LocalFile::create(path).map_err(|e| StorageError::io(path, e))?;
+        let file: Arc<dyn HostFile> = Arc::new(file);
+        match ParallelsImage::create(file, opts.size, opts.variant) {
+            Ok(img) => Ok(Box::new(img)),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+}
