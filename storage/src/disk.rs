@@ -46,6 +46,17 @@ impl Disk {
                     again: next.path().to_path_buf(),
                 });
             }
+            // VDI children record the parent's modification UUID: a parent written since the
+            // child was made may no longer match what the child's blocks were copied against.
+            if let (Some(want), Some(now)) = (parent.modification_uuid, next.modification_uuid()) {
+                if want != now {
+                    tracing::warn!(
+                        "{}: its parent {} was modified after this child was made (modification UUID {now}, the child expects {want}); data read through the child may be inconsistent",
+                        child.display(),
+                        next.path().display()
+                    );
+                }
+            }
             if next.virtual_size() < layers[0].virtual_size() {
                 tracing::debug!(
                     "{}: parent is smaller than the child; the rest reads as zeros",

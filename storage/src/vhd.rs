@@ -30,6 +30,8 @@ use crate::host_file::{HostFile, LocalFile};
 use crate::layer::*;
 
 const SECTOR: u64 = 512;
+/// Host page size new blocks' data is aligned to.
+const HOST_PAGE: u64 = 4096;
 const FOOTER_COOKIE: &[u8; 8] = b"conectix";
 const HEADER_COOKIE: &[u8; 8] = b"cxsparse";
 const FOOTER_SIZE: usize = 512;
@@ -921,7 +923,9 @@ impl VhdLayer {
         // A write into an existing differencing block writes the data, then sets its bits.
         let new = entry == UNALLOCATED;
         let block_host = if new {
-            st.footer_pos
+            // Place the block so its data (after the bitmap) starts on a 4 KiB boundary: the
+            // guest's 4 KiB writes then cover whole host pages instead of straddling two.
+            (st.footer_pos + d.bitmap_size).next_multiple_of(HOST_PAGE) - d.bitmap_size
         } else {
             u64::from(entry) * SECTOR
         };
