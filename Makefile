@@ -33,6 +33,7 @@ integration:
 # Benchmarks print ratios against QEMU; they are not tests.
 bench: deps
 	tests/bench/boot/run.sh
+	tests/bench/formats/run.sh
 
 clean:
 	cargo clean
