@@ -2,6 +2,8 @@
 //! them: the virtual size and the SHA-256 of every non-zero 1 MiB chunk from its manifest.
 //! Images qemu-img refuses (AFL-fuzzed headers) must be refused by ferry too, cleanly.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +14,7 @@ use sha2::{Digest, Sha256};
 const CHUNK: u64 = 1 << 20;
 
 fn samples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/samples")
+    common::conformance_dir().join("samples")
 }
 
 /// The sample as a plain file (or bundle folder) under the test's scratch folder.

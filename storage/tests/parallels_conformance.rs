@@ -1,6 +1,8 @@
 //! Parallels: the public samples and the generated corpus read to their manifests, and what
 //! ferry writes passes `qemu-img check`/`compare`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ fn root() -> PathBuf {
 }
 
 fn samples() -> PathBuf {
-    root().join("../shared/conformance/samples")
+    common::conformance_dir().join("samples")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -281,7 +283,7 @@ fn corpus() -> PathBuf {
     let out = root().join("target/conformance-corpus");
     if !out.join("manifest.json").exists() {
         let st = Command::new("bash")
-            .arg(root().join("../shared/conformance/make-corpus.sh"))
+            .arg(common::conformance_dir().join("make-corpus.sh"))
             .arg(&out)
             .status()
             .unwrap();
@@ -412,7 +414,7 @@ fn create_write_check_compare() {
         img.read_at(&mut back, 0).unwrap();
         assert!(back == model);
         // And the checker script agrees.
-        let script = root().join("../shared/conformance/check-writer.sh");
+        let script = common::conformance_dir().join("check-writer.sh");
         let st = Command::new("bash")
             .arg(script)
             .args(["-f", "parallels", ps, raw.to_str().unwrap()])

@@ -1,6 +1,8 @@
 //! VDI: reading qemu-made images and samples, writing images qemu-img accepts, differencing
 //! chains, and crash safety.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +20,7 @@ fn repo() -> PathBuf {
 }
 
 fn conformance() -> PathBuf {
-    PathBuf::from("/work/shared/conformance")
+    common::conformance_dir()
 }
 
 /// A fresh scratch folder for one test.

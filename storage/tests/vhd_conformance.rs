@@ -1,6 +1,8 @@
 //! VHD: samples made by other tools and qemu-img's corpus read to their manifests; images
 //! ferry creates pass qemu-img; differencing chains; crash safety of block allocation.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +21,7 @@ const CHUNK: u64 = 1 << 20;
 const MIB: u64 = 1 << 20;
 
 fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance")
+    common::conformance_dir()
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -1,6 +1,8 @@
 //! VMDK against the conformance kit: the samples, the generated corpus (chains included),
 //! ferry's own writer judged by qemu-img, and crash safety of sparse writes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ fn root() -> PathBuf {
 }
 
 fn kit() -> PathBuf {
-    PathBuf::from("/work/shared/conformance")
+    common::conformance_dir()
 }
 
 fn scratch(name: &str) -> PathBuf {

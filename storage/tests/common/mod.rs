@@ -1,0 +1,25 @@
+//! Shared by the storage integration tests: where the conformance kit lives.
+
+use std::path::{Path, PathBuf};
+
+/// ../shared/conformance beside the repository (or FERRY_CONFORMANCE_DIR, or the project
+/// machines' /work/shared/conformance when the repository was cloned elsewhere).
+#[allow(dead_code)]
+pub fn conformance_dir() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = [
+        std::env::var_os("FERRY_CONFORMANCE_DIR").map(PathBuf::from),
+        Some(repo.join("../shared/conformance")),
+        Some(PathBuf::from("/work/shared/conformance")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("make-corpus.sh").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the conformance kit was not found beside the repository (../shared/conformance) \
+                 nor in /work/shared/conformance; set FERRY_CONFORMANCE_DIR"
+            )
+        })
+}
