@@ -87,15 +87,7 @@ impl Disk {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size() => Ok(()),
-            _ => Err(StorageError::OutOfRange {
-                path: self.layers[0].path().to_path_buf(),
-                offset,
-                len: len as u64,
-                size: self.size(),
-            }),
-        }
+        crate::error::check_range(self.layers[0].path(), offset, len as u64, self.size())
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -45,6 +45,19 @@ pub enum StorageError {
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
+/// Checks that `len` bytes at `offset` lie within a disk of `size` bytes.
+pub fn check_range(path: &std::path::Path, offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StorageError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
 impl StorageError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {

@@ -597,15 +597,7 @@ impl VdiLayer {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.hd.disk_size => Ok(()),
-            _ => Err(StorageError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len,
-                size: self.hd.disk_size,
-            }),
-        }
+        crate::error::check_range(&self.path, offset, len, self.hd.disk_size)
     }
 
     /// Host offset of the data of slot `slot`.

@@ -794,15 +794,7 @@ impl VhdLayer {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(StorageError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
+        crate::error::check_range(&self.path, offset, len, self.size)
     }
 
     fn io(&self, e: std::io::Error) -> StorageError {
