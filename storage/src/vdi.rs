@@ -685,19 +685,8 @@ impl VdiLayer {
         }
         let bs = self.hd.block_size as usize;
         let len = self.block_len(index) as usize;
-        let mut block = vec![0u8; bs];
         let start = within as usize;
         let end = start + part.len();
-        if entry == BLOCK_FREE {
-            let base = index * self.hd.block_size;
-            if start > 0 {
-                lower.read_at(&mut block[..start], base)?;
-            }
-            if end < len {
-                lower.read_at(&mut block[end..len], base + end as u64)?;
-            }
-        }
-        block[start..end].copy_from_slice(part);
         let slot = match st.gaps.last() {
             Some(&s) => s,
             None => st.next_slot,
@@ -709,14 +698,45 @@ impl VdiLayer {
             ));
         }
         let at = self.slot_offset(slot);
-        if self.hd.block_extra > 0 {
-            let extra = vec![0u8; self.hd.block_extra as usize];
+        let extra_at = at - self.hd.block_extra;
+        // A new slot past the end of the file: a hole that reads as zeros.
+        let fresh = st.gaps.is_empty() && self.file.len().map_err(|e| self.io(e))? <= extra_at;
+        if fresh {
+            // Extend the file over the block and write only what is not zero.
+            if start > 0 || end < bs {
+                self.file.set_len(at + bs as u64).map_err(|e| self.io(e))?;
+            }
+            if entry == BLOCK_FREE {
+                let base = index * self.hd.block_size;
+                let r = |a: usize, b: usize| a as u64..b as u64;
+                let (f, p) = (&*self.file, &*self.path);
+                copy_nonzero_lower(f, p, at, base, r(0, start), lower)?;
+                copy_nonzero_lower(f, p, at, base, r(end.min(len), len), lower)?;
+            }
             self.file
-                .write_at(&extra, at - self.hd.block_extra)
+                .write_at(part, at + within)
                 .map_err(|e| self.io(e))?;
+        } else {
+            let mut block = vec![0u8; bs];
+            if entry == BLOCK_FREE {
+                let base = index * self.hd.block_size;
+                if start > 0 {
+                    lower.read_at(&mut block[..start], base)?;
+                }
+                if end < len {
+                    lower.read_at(&mut block[end..len], base + end as u64)?;
+                }
+            }
+            block[start..end].copy_from_slice(part);
+            if self.hd.block_extra > 0 {
+                let extra = vec![0u8; self.hd.block_extra as usize];
+                self.file
+                    .write_at(&extra, extra_at)
+                    .map_err(|e| self.io(e))?;
+            }
+            self.file.write_at(&block, at).map_err(|e| self.io(e))?;
         }
         // Data, then the map entry, then the header.
-        self.file.write_at(&block, at).map_err(|e| self.io(e))?;
         self.write_entry(index, slot)?;
         if st.gaps.last() == Some(&slot) {
             st.gaps.pop();
@@ -769,6 +789,35 @@ impl VdiLayer {
     pub fn block_size(&self) -> u64 {
         self.hd.block_size
     }
+}
+
+/// Copies `range` (offsets within a block at guest offset `guest`) from `lower` into the
+/// block at host offset `host`, skipping all-zero chunks: the block is a fresh hole there.
+fn copy_nonzero_lower(
+    file: &dyn HostFile,
+    path: &Path,
+    host: u64,
+    guest: u64,
+    range: std::ops::Range<u64>,
+    lower: &dyn LowerLayers,
+) -> Result<()> {
+    const CHUNK: u64 = 64 << 10;
+    if range.start >= range.end {
+        return Ok(());
+    }
+    let mut chunk = vec![0u8; CHUNK.min(range.end - range.start) as usize];
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = CHUNK.min(range.end - pos) as usize;
+        let c = &mut chunk[..n];
+        lower.read_at(c, guest + pos)?;
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            file.write_at(c, host + pos)
+                .map_err(|e| StorageError::io(path, e))?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 impl Drop for VdiLayer {

@@ -984,32 +984,13 @@ impl VhdLayer {
                     .map_err(|e| self.io(e))?;
             }
         } else {
-            // A dynamic disk: the whole block is written (the rest from `lower`), in chunks
-            // of at most 1 MiB, with every bitmap bit set (as qemu and Windows do).
-            let chunk = d.block_size.min(1 << 20);
-            let mut pos = 0u64;
-            let wend = in_block + buf.len() as u64;
-            while pos < d.block_size {
-                let n = chunk.min(d.block_size - pos);
-                let mut data = vec![0u8; n as usize];
-                let (s, e) = (pos.max(in_block), (pos + n).min(wend));
-                if s < e {
-                    if pos < in_block || pos + n > wend {
-                        lower.read_at(&mut data, block_start + pos)?;
-                    }
-                    data[(s - pos) as usize..(e - pos) as usize]
-                        .copy_from_slice(&buf[(s - in_block) as usize..(e - in_block) as usize]);
-                } else {
-                    lower.read_at(&mut data, block_start + pos)?;
-                }
-                // All-zero chunks stay holes (the file already extends past them).
-                if data.iter().any(|&b| b != 0) {
-                    self.file
-                        .write_at(&data, data_host + pos)
-                        .map_err(|e| self.io(e))?;
-                }
-                pos += n;
-            }
+            // A dynamic disk (no parent: `lower` is all zeros). The footer written at the new
+            // end already extended the file over the block, so the rest of it is a hole that
+            // reads as zeros: only the guest's bytes are written, then the bitmap with every
+            // bit set (as qemu and Windows do).
+            self.file
+                .write_at(buf, data_host + in_block)
+                .map_err(|e| self.io(e))?;
             bitmap = vec![0xFF; d.bitmap_size as usize];
             self.file
                 .write_at(&bitmap, block_host)

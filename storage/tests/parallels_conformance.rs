@@ -571,3 +571,64 @@ fn crash_at_every_write_leaves_a_consistent_image() {
         "{unclean} of {k} crashes left the image marked in use"
     );
 }
+
+/// Host bytes the file occupies (holes excluded).
+fn host_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn partial_writes_allocate_sparse_clusters_and_bat_waits_for_flush() {
+    let d = scratch("sparse");
+    let p = d.join("a.hds");
+    let size = 32 * MIB;
+    let opts = CreateOptions {
+        size,
+        variant: Variant::Dynamic,
+        parent: None,
+    };
+    let img = ParallelsImage::create(
+        Arc::new(LocalFile::create(&p).unwrap()),
+        opts.size,
+        opts.variant,
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    for c in 0..16u64 {
+        let o = c * 2 * MIB + 8192 + c * 512;
+        let w = pattern(100 + c, 4096);
+        img.write_at(&w, o, &NoLowerLayers).unwrap();
+        model[o as usize..o as usize + w.len()].copy_from_slice(&w);
+    }
+    // Reads see the new clusters before the flush...
+    let mut got = vec![0u8; size as usize];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == model);
+    // ...but the BAT on disk does not point at them yet.
+    let on_disk = |p: &Path| {
+        let raw = std::fs::read(p).unwrap();
+        raw[64..64 + 4 * 32]
+            .chunks_exact(4)
+            .filter(|e| e != &[0u8; 4])
+            .count()
+    };
+    assert_eq!(on_disk(&p), 0, "{:?}", &std::fs::read(&p).unwrap()[..200]);
+    img.flush().unwrap();
+    assert_eq!(on_disk(&p), 16);
+    // Only the guest's bytes take space, not 16 zero-filled clusters.
+    assert!(host_bytes(&p) < 4 * MIB, "{} bytes", host_bytes(&p));
+    drop(img);
+    let (rc, out) = qemu(&["check", "-f", "parallels", p.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{out}");
+    let img = open_file(&p, false);
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == model);
+    // Copy-on-write from a non-zero lower still fills the rest of a fresh cluster.
+    let img = open_file(&p, true);
+    img.write_at(&[1u8; 10], MIB + 5, &Fill(9)).unwrap();
+    let mut b = vec![0u8; MIB as usize];
+    img.read_at(&mut b, MIB).unwrap();
+    assert!(b[..5].iter().all(|&x| x == 9) && b[5..15].iter().all(|&x| x == 1));
+    assert!(b[15..].iter().all(|&x| x == 9));
+}

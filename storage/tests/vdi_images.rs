@@ -948,3 +948,51 @@ fn vdi_modification_uuid_changes_once_per_open() {
         second
     );
 }
+
+/// A lower layer of one byte value, to see copy-on-write fill the rest of a new block.
+struct Fill(u8);
+impl LowerLayers for Fill {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        buf.fill(self.0);
+        Ok(())
+    }
+}
+
+#[test]
+fn vdi_partial_writes_allocate_sparse_blocks() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("sparse");
+    let path = dir.join("a.vdi");
+    let size = 32 * MIB;
+    let opts = CreateOptions {
+        size,
+        variant: Variant::Dynamic,
+        parent: None,
+    };
+    let layer = VdiFormat.create(&path, &opts).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for b in 0..16u64 {
+        let o = b * 2 * MIB + 4096 * (b + 1);
+        let w: Vec<u8> = (0..4096u64).map(|i| (i * 7 + b) as u8 | 1).collect();
+        layer.write_at(&w, o, &NoLowerLayers).unwrap();
+        model[o as usize..o as usize + w.len()].copy_from_slice(&w);
+    }
+    assert_eq!(read_all(&*layer), model);
+    layer.flush().unwrap();
+    drop(layer);
+    // Only the guest's bytes take space, not 16 zero-filled blocks.
+    let used = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(used < 4 * MIB, "{used} bytes");
+    assert!(std::fs::metadata(&path).unwrap().len() >= 16 * MIB);
+    qemu_check(&path);
+    let raw_path = dir.join("a.raw");
+    std::fs::write(&raw_path, &model).unwrap();
+    check_writer(&path, &raw_path);
+    // Copy-on-write from a non-zero lower still fills the rest of a fresh block.
+    let layer = VdiFormat.open(&path, true).unwrap();
+    layer.write_at(&[1u8; 10], MIB + 5, &Fill(9)).unwrap();
+    let mut b = vec![0u8; MIB as usize];
+    layer.read_at(&mut b, MIB).unwrap();
+    assert!(b[..5].iter().all(|&x| x == 9) && b[5..15].iter().all(|&x| x == 1));
+    assert!(b[15..].iter().all(|&x| x == 9));
+}

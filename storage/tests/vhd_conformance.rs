@@ -836,3 +836,57 @@ fn vhd_writes_into_qemu_made_images() {
         assert!(ok, "{name}: {text}");
     }
 }
+
+/// Host bytes the file occupies (st_blocks).
+fn host_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn vhd_partial_allocating_write_leaves_the_rest_of_the_block_a_hole() {
+    let dir = scratch("holes");
+    let path = dir.join("d.vhd");
+    let layer = VhdFormat
+        .create(
+            &path,
+            &CreateOptions {
+                size: 64 * MIB,
+                variant: Variant::Dynamic,
+                parent: None,
+            },
+        )
+        .unwrap();
+    let disk = Disk::from_layers(vec![layer]).unwrap();
+    disk.flush().unwrap();
+    let before = host_bytes(&path);
+    let at = 5 * MIB + 12 * 1024;
+    disk.write_at(&[0x5a; 4096], at).unwrap();
+    disk.flush().unwrap();
+    // A 2 MiB block: its data (4 KiB), bitmap, footer and BAT page, not the whole block.
+    let grew = host_bytes(&path) - before;
+    assert!(grew <= 64 * 1024, "the file grew by {grew} bytes");
+    drop(disk);
+    let disk = Disk::from_layers(vec![Box::new(open(&path, false))]).unwrap();
+    let mut back = vec![1u8; 2 * MIB as usize];
+    disk.read_at(&mut back, 4 * MIB).unwrap();
+    let rel = (at - 4 * MIB) as usize;
+    assert!(back[..rel].iter().all(|&b| b == 0));
+    assert!(back[rel..rel + 4096].iter().all(|&b| b == 0x5a));
+    assert!(back[rel + 4096..].iter().all(|&b| b == 0));
+    // qemu reads the same disk (it cannot check VHDs).
+    let mut expected = vec![0u8; 64 * MIB as usize];
+    expected[at as usize..at as usize + 4096].fill(0x5a);
+    let raw = dir.join("d.raw");
+    std::fs::write(&raw, &expected).unwrap();
+    let (ok, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+}

@@ -616,3 +616,65 @@ fn vmdk_cid_changes_on_first_write_and_is_written_on_flush() {
     let (ok, text) = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
     assert!(ok && text.contains(&format!("\"cid\": {c1}")), "{text}");
 }
+
+#[test]
+fn vmdk_new_grains_are_holes_and_runs_span_tables() {
+    use std::os::unix::fs::MetadataExt;
+    const MIB: u64 = 1 << 20;
+    let dir = scratch("holes");
+    let path = dir.join("d.vmdk");
+    let layer = VmdkFormat
+        .create(
+            &path,
+            &CreateOptions {
+                size: 128 * MIB,
+                variant: Variant::Dynamic,
+                parent: None,
+            },
+        )
+        .unwrap();
+    let disk = Disk::from_layers(vec![layer]).unwrap();
+    disk.flush().unwrap();
+    let blocks = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let before = blocks(&path);
+    let mut expected = vec![0u8; 128 * MIB as usize];
+    // A 4 KiB write inside a 64 KiB grain: the grain is a hole around it.
+    let at = 3 * MIB + 20 * 1024;
+    disk.write_at(&[0x5a; 4096], at).unwrap();
+    expected[at as usize..at as usize + 4096].fill(0x5a);
+    disk.flush().unwrap();
+    let grew = blocks(&path) - before;
+    assert!(grew <= 32 * 1024, "the file grew by {grew} bytes");
+    // Unaligned runs of new grains across a grain table boundary (32 MiB), next to
+    // allocated ones, and over a table not yet made.
+    for (off, len, seed) in [
+        (32 * MIB - 100_000, 300_000usize, 1u8),
+        (3 * MIB - 70_000, 200_000, 2),
+        (96 * MIB + 512, 3 * MIB as usize, 3),
+        (127 * MIB, MIB as usize, 4),
+    ] {
+        let data = pattern(seed, len);
+        disk.write_at(&data, off).unwrap();
+        expected[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    disk.flush().unwrap();
+    drop(disk);
+    let disk = Disk::from_layers(vec![open(&path, false)]).unwrap();
+    let mut back = vec![0u8; expected.len()];
+    disk.read_at(&mut back, 0).unwrap();
+    assert!(back == expected, "read-back differs");
+    let (ok, out) = qemu_img(&["check", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let raw = dir.join("d.raw");
+    std::fs::write(&raw, &expected).unwrap();
+    let (ok, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "vmdk",
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+}

@@ -1,8 +1,12 @@
 //! One Parallels expandable image file (`.hds`, or a loose `.hdd`/`.img`): a 64-byte header,
 //! the BAT (one little-endian u32 per cluster), then the data area.
 //!
-//! Write order for a new cluster: the cluster's data at the end of the data area, a sync, then
-//! its BAT entry. The header carries nothing per allocation except the `in_use` mark, which is
+//! Write order for a new cluster: the cluster's data at the end of the data area (the file is
+//! extended over the rest of the cluster, a hole, rather than zero-filled); its BAT entry
+//! is kept in memory until `flush`, which syncs the data, writes the new BAT entries and
+//! syncs again, so the BAT on disk never points at data that may not be durable. A crash
+//! before a flush loses the unflushed allocations (their clusters are leaks, cut off by the
+//! repair on the next writable open). The header carries nothing per allocation except the `in_use` mark, which is
 //! set (and synced) before the first change after open or after a flush, and cleared by
 //! `flush` once data and BAT are durable, as QEMU does on open/close.
 
@@ -57,6 +61,9 @@ struct State {
     next_alloc: u64,
     /// Whether `in_use` is set on disk.
     marked: bool,
+    /// Clusters allocated since the last flush whose BAT entries are only in memory: they
+    /// reach the file in `flush`, after the clusters' data is durable.
+    pending: Vec<u32>,
     /// A write failed part-way: refuse further writes (the file is left for repair on reopen).
     broken: bool,
 }
@@ -228,6 +235,7 @@ impl ParallelsImage {
                 bat,
                 next_alloc,
                 marked: unclean,
+                pending: Vec::new(),
                 broken: false,
             }),
         };
@@ -341,6 +349,34 @@ impl ParallelsImage {
         self.file.sync().map_err(|e| self.io(e))
     }
 
+    /// Writes the BAT entries of clusters allocated since the last flush (their data must
+    /// already be durable), in runs of nearby entries.
+    fn write_pending_bat(&self, st: &mut State) -> Result<()> {
+        /// Entries between two pending ones that may be rewritten (unchanged) to join runs.
+        const JOIN: usize = 1024;
+        st.pending.sort_unstable();
+        st.pending.dedup();
+        let mut i = 0;
+        while i < st.pending.len() {
+            let first = st.pending[i] as usize;
+            let mut last = first;
+            i += 1;
+            while i < st.pending.len() && (st.pending[i] as usize) - last <= JOIN {
+                last = st.pending[i] as usize;
+                i += 1;
+            }
+            let mut raw = Vec::with_capacity(4 * (last - first + 1));
+            for e in &st.bat[first..=last] {
+                raw.extend_from_slice(&e.to_le_bytes());
+            }
+            self.file
+                .write_at(&raw, HEADER_SIZE + 4 * first as u64)
+                .map_err(|e| self.io(e))?;
+        }
+        st.pending.clear();
+        Ok(())
+    }
+
     /// Writes into one cluster (`at` within it, not crossing its end).
     fn write_cluster(
         &self,
@@ -375,23 +411,67 @@ impl ParallelsImage {
             });
         }
         let start = idx * self.cluster;
-        let mut data = vec![0u8; self.cluster as usize];
-        if buf.len() as u64 != self.cluster {
-            let inside = (self.size.saturating_sub(start)).min(self.cluster) as usize;
-            lower.read_at(&mut data[..inside], start)?;
+        let host = sect * SECTOR;
+        let partial = buf.len() as u64 != self.cluster;
+        let fresh = self.file.len().map_err(|e| self.io(e))? <= host;
+        if fresh {
+            // The cluster lies past the end of the file: extend the file over it (a hole that
+            // reads as zeros) and write only what is not zero, never a cluster of zeros.
+            if partial {
+                self.file
+                    .set_len(host + self.cluster)
+                    .map_err(|e| self.io(e))?;
+                let inside = (self.size.saturating_sub(start)).min(self.cluster);
+                let end = at + buf.len() as u64;
+                let (f, p) = (&*self.file, &*self.path);
+                copy_nonzero_lower(f, p, host, start, 0..at.min(inside), lower)?;
+                copy_nonzero_lower(f, p, host, start, end.min(inside)..inside, lower)?;
+            }
+            self.file.write_at(buf, host + at).map_err(|e| self.io(e))?;
+        } else {
+            let mut data = vec![0u8; self.cluster as usize];
+            if partial {
+                let inside = (self.size.saturating_sub(start)).min(self.cluster) as usize;
+                lower.read_at(&mut data[..inside], start)?;
+            }
+            data[at as usize..at as usize + buf.len()].copy_from_slice(buf);
+            self.file.write_at(&data, host).map_err(|e| self.io(e))?;
         }
-        data[at as usize..at as usize + buf.len()].copy_from_slice(buf);
-        self.file
-            .write_at(&data, sect * SECTOR)
-            .map_err(|e| self.io(e))?;
-        self.file.sync().map_err(|e| self.io(e))?;
-        self.file
-            .write_at(&(entry as u32).to_le_bytes(), HEADER_SIZE + 4 * idx)
-            .map_err(|e| self.io(e))?;
+        // The BAT entry stays in memory until `flush` has made the data durable.
+        st.pending.push(idx as u32);
         st.bat[idx as usize] = entry as u32;
         st.next_alloc = sect + self.tracks;
         Ok(())
     }
+}
+
+/// Copies `range` (offsets within a block at guest offset `guest`) from `lower` into the
+/// block at host offset `host`, skipping all-zero chunks: the block is a fresh hole there.
+fn copy_nonzero_lower(
+    file: &dyn HostFile,
+    path: &Path,
+    host: u64,
+    guest: u64,
+    range: std::ops::Range<u64>,
+    lower: &dyn LowerLayers,
+) -> Result<()> {
+    const CHUNK: u64 = 64 << 10;
+    if range.start >= range.end {
+        return Ok(());
+    }
+    let mut chunk = vec![0u8; CHUNK.min(range.end - range.start) as usize];
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = CHUNK.min(range.end - pos) as usize;
+        let c = &mut chunk[..n];
+        lower.read_at(c, guest + pos)?;
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            file.write_at(c, host + pos)
+                .map_err(|e| StorageError::io(path, e))?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Reads the format-extension cluster; returns whether an unknown feature is marked
@@ -557,6 +637,10 @@ impl Layer for ParallelsImage {
             ));
         }
         self.file.sync().map_err(|e| self.io(e))?;
+        if !st.pending.is_empty() {
+            self.write_pending_bat(&mut st)?;
+            self.file.sync().map_err(|e| self.io(e))?;
+        }
         if st.marked {
             // QEMU writes 0 on close; a value another writer left ("v2.1", "pd17") is kept.
             let clean = if self.header_in_use() {

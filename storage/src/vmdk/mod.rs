@@ -6,7 +6,10 @@
 //! grain table (GT) sector numbers, GTs of grain sector numbers (0 = unallocated, 1 = zeroed)
 //! and grains. Writes allocate a grain at the end of the file and publish it in this order:
 //! grain data, GT entry (both copies), GD entry (only for a new GT), so a crash loses at most
-//! the unflushed write and never points a table at unwritten data.
+//! the unflushed write and never points a table at unwritten data. The consecutive new grains
+//! of one request are placed together and written first, then the entries of each table they
+//! touch in one write per copy. In an image without a parent, a new grain is not filled with
+//! zeros: the file is extended over it (a hole) and only the guest's bytes are written.
 
 pub mod descriptor;
 pub mod sparse;
@@ -433,7 +436,7 @@ impl VmdkLayer {
         desc_loc: DescLoc,
         create_type: String,
         extents: Vec<Extent>,
-        sparse: Vec<Sparse>,
+        mut sparse: Vec<Sparse>,
         files: Vec<PathBuf>,
     ) -> Result<Self> {
         let path = main.path().to_path_buf();
@@ -459,6 +462,10 @@ impl VmdkLayer {
                 path_hints: hint.map(hint_paths).unwrap_or_default(),
             })
         });
+        // Without a parent, `lower` is all zeros: new grains need not have them written.
+        for sp in sparse.iter_mut() {
+            sp.differencing = parent.is_some();
+        }
         Ok(Self {
             variant: variant_of(&create_type),
             create_type,

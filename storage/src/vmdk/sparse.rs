@@ -278,6 +278,10 @@ pub struct Sparse {
     /// A compressed extent's grain being written (index, whole content): compressed and
     /// appended when a write moves to another grain, or on flush.
     pending: Option<(u64, Vec<u8>)>,
+    /// The extent belongs to a child image: a partial write into a new grain copies the rest
+    /// of the grain from `lower`. When false, `lower` is all zeros and a new grain's other
+    /// bytes are left as a hole (set by the layer; true, the safe choice, until then).
+    pub differencing: bool,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
@@ -361,6 +365,7 @@ impl Sparse {
             keep_all: false,
             last: None,
             pending: None,
+            differencing: true,
             header,
             first_header,
         })
@@ -551,6 +556,9 @@ impl Sparse {
         base: u64,
         lower: &dyn LowerLayers,
     ) -> Result<()> {
+        if !self.compressed && !self.tail_meta {
+            return self.write_plain(buf, off, base, lower);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
@@ -597,6 +605,216 @@ impl Sparse {
             }
             done += n;
         }
+        Ok(())
+    }
+
+    /// An uncompressed extent's write: runs of grains that are allocated contiguously on the
+    /// host are written in one piece; runs of new grains are allocated together
+    /// ([`Self::allocate_run`]).
+    fn write_plain(
+        &mut self,
+        buf: &[u8],
+        off: u64,
+        base: u64,
+        lower: &dyn LowerLayers,
+    ) -> Result<()> {
+        let end = off + buf.len() as u64;
+        let gsec = self.header.grain_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let g = pos / self.grain;
+            let in_g = pos % self.grain;
+            let e = self.entry(g)?;
+            let mut next = g + 1;
+            let mut olds = vec![e];
+            while next * self.grain < end {
+                let e2 = self.entry(next)?;
+                let same = if e > 1 {
+                    e2 as u64 == e as u64 + (next - g) * gsec
+                } else {
+                    e2 <= 1
+                };
+                if !same {
+                    break;
+                }
+                olds.push(e2);
+                next += 1;
+            }
+            let n = ((next * self.grain).min(end) - pos) as usize;
+            let part = &buf[done..done + n];
+            if e > 1 {
+                self.file
+                    .write_at(part, e as u64 * SECTOR + in_g)
+                    .map_err(io(&self.path))?;
+            } else {
+                self.allocate_run(g, &olds, in_g, part, base, lower)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Stores the new grains `g0..g0 + olds.len()` (their old entries, 0 or 1, in `olds`)
+    /// together at the end of the file, `data` landing at byte `in_g` of the first: the data
+    /// first, then the entries of each grain table touched in one write per copy, then the
+    /// directory only for new tables. Without a parent the bytes around `data` are a hole (the
+    /// file is extended over them); in a child they come from `lower` (unallocated grains) or
+    /// are zeros (zeroed grains).
+    fn allocate_run(
+        &mut self,
+        g0: u64,
+        olds: &[u32],
+        in_g: u64,
+        data: &[u8],
+        base: u64,
+        lower: &dyn LowerLayers,
+    ) -> Result<()> {
+        let count = olds.len() as u64;
+        let per = self.header.num_gtes as u64;
+        if g0 + count > self.gd.len() as u64 * per {
+            return Err(StorageError::corrupt(
+                &self.path,
+                format!("grain {} is beyond the grain directory", g0 + count - 1),
+            ));
+        }
+        let at = self.end;
+        let run = count * self.grain;
+        if (at + run - self.grain) / SECTOR > u32::MAX as u64 {
+            return Err(StorageError::Unsupported {
+                path: self.path.clone(),
+                detail: "the extent file would grow past 2 TiB".into(),
+            });
+        }
+        let partial = in_g != 0 || (data.len() as u64) < run;
+        if !partial {
+            self.file.write_at(data, at).map_err(io(&self.path))?;
+        } else if !self.differencing && at >= self.file_len {
+            // Past the end of the file: extend it over the run (a hole, read as zeros) unless
+            // the data reaches the end anyway, then write only the guest's bytes.
+            if in_g + data.len() as u64 != run {
+                self.file.set_len(at + run).map_err(io(&self.path))?;
+                self.file_len = at + run;
+            }
+            self.file
+                .write_at(data, at + in_g)
+                .map_err(io(&self.path))?;
+        } else {
+            let mut full = vec![0u8; run as usize];
+            let last = count - 1;
+            let wend = in_g + data.len() as u64;
+            for (k, &old) in olds.iter().enumerate() {
+                let k = k as u64;
+                let (gs, ge) = (k * self.grain, (k + 1) * self.grain);
+                let covered = in_g <= gs && wend >= ge;
+                if old != 0 || covered || !self.differencing || (k != 0 && k != last) {
+                    continue;
+                }
+                // Copy-on-write: the rest of the grain comes from the layers below, up to the
+                // end of the extent.
+                let g = g0 + k;
+                let valid = self
+                    .capacity_bytes()
+                    .saturating_sub(g * self.grain)
+                    .min(self.grain) as usize;
+                lower.read_at(
+                    &mut full[gs as usize..gs as usize + valid],
+                    base + g * self.grain,
+                )?;
+            }
+            full[in_g as usize..wend as usize].copy_from_slice(data);
+            self.file.write_at(&full, at).map_err(io(&self.path))?;
+        }
+        self.end = at + run;
+        self.file_len = self.file_len.max(self.end);
+        let first_sec = at / SECTOR;
+        let gsec = self.header.grain_size;
+        let mut g = g0;
+        while g < g0 + count {
+            let idx = (g / per) as usize;
+            let i0 = (g % per) as usize;
+            let stop = ((idx as u64 + 1) * per).min(g0 + count);
+            let secs: Vec<u32> = (g..stop)
+                .map(|x| (first_sec + (x - g0) * gsec) as u32)
+                .collect();
+            self.publish(idx, i0, &secs)?;
+            g = stop;
+        }
+        Ok(())
+    }
+
+    /// Points entries `i0..` of grain table `idx` at `secs`: one write per copy of an existing
+    /// table; a new table (and its redundant copy) goes at the end, then the directories.
+    fn publish(&mut self, idx: usize, i0: usize, secs: &[u32]) -> Result<()> {
+        let per = self.header.num_gtes as usize;
+        let i1 = i0 + secs.len();
+        if self.gd[idx] != 0 {
+            if let Some(t) = self.gt(idx)? {
+                t[i0..i1].copy_from_slice(secs);
+            }
+            let bytes = u32s_bytes(secs, 0);
+            let rel = i0 as u64 * 4;
+            self.file
+                .write_at(&bytes, self.gd[idx] as u64 * SECTOR + rel)
+                .map_err(io(&self.path))?;
+            if let Some(r) = &self.rgd {
+                if r[idx] != 0 {
+                    self.file
+                        .write_at(&bytes, r[idx] as u64 * SECTOR + rel)
+                        .map_err(io(&self.path))?;
+                }
+            }
+            return Ok(());
+        }
+        let mut t = vec![0u32; per];
+        t[i0..i1].copy_from_slice(secs);
+        self.new_table(idx, t)
+    }
+
+    /// Appends grain table `idx` (and its redundant copy) with content `t`, then points the
+    /// directories at them.
+    fn new_table(&mut self, idx: usize, t: Vec<u32>) -> Result<()> {
+        let tb = u32s_bytes(&t, self.gt_bytes);
+        let gt_at = self.end;
+        let copies = if self.rgd.is_some() { 2 } else { 1 };
+        if (gt_at + (copies - 1) * self.gt_bytes) / SECTOR > u32::MAX as u64 {
+            return Err(StorageError::Unsupported {
+                path: self.path.clone(),
+                detail: "the extent file would grow past 2 TiB".into(),
+            });
+        }
+        self.file.write_at(&tb, gt_at).map_err(io(&self.path))?;
+        self.end += self.gt_bytes;
+        self.file_len = self.file_len.max(self.end);
+        let rgt_at = if self.rgd.is_some() {
+            let a = self.end;
+            self.file.write_at(&tb, a).map_err(io(&self.path))?;
+            self.end += self.gt_bytes;
+            self.file_len = self.file_len.max(self.end);
+            Some(a)
+        } else {
+            None
+        };
+        let gsec = (gt_at / SECTOR) as u32;
+        self.file
+            .write_at(
+                &gsec.to_le_bytes(),
+                self.header.gd_offset * SECTOR + idx as u64 * 4,
+            )
+            .map_err(io(&self.path))?;
+        self.gd[idx] = gsec;
+        if let (Some(r), Some(a)) = (self.rgd.as_mut(), rgt_at) {
+            let rsec = (a / SECTOR) as u32;
+            self.file
+                .write_at(
+                    &rsec.to_le_bytes(),
+                    self.header.rgd_offset * SECTOR + idx as u64 * 4,
+                )
+                .map_err(io(&self.path))?;
+            r[idx] = rsec;
+        }
+        self.cached += t.len() * 4;
+        self.gts.insert(idx, t);
         Ok(())
     }
 
@@ -654,61 +872,7 @@ impl Sparse {
             self.tail_dirty = true;
             return Ok(());
         }
-        if self.gd[idx] != 0 {
-            if let Some(t) = self.gt(idx)? {
-                t[i] = sec as u32;
-            }
-            let entry = (sec as u32).to_le_bytes();
-            self.file
-                .write_at(&entry, self.gd[idx] as u64 * SECTOR + i as u64 * 4)
-                .map_err(io(&self.path))?;
-            if let Some(r) = &self.rgd {
-                if r[idx] != 0 {
-                    self.file
-                        .write_at(&entry, r[idx] as u64 * SECTOR + i as u64 * 4)
-                        .map_err(io(&self.path))?;
-                }
-            }
-            return Ok(());
-        }
-        // A new grain table (and its redundant copy) after the grain, then the directories.
-        let mut t = vec![0u32; per as usize];
-        t[i] = sec as u32;
-        let tb = u32s_bytes(&t, self.gt_bytes);
-        let gt_at = self.end;
-        self.file.write_at(&tb, gt_at).map_err(io(&self.path))?;
-        self.end += self.gt_bytes;
-        self.file_len = self.file_len.max(self.end);
-        let rgt_at = if self.rgd.is_some() {
-            let a = self.end;
-            self.file.write_at(&tb, a).map_err(io(&self.path))?;
-            self.end += self.gt_bytes;
-            self.file_len = self.file_len.max(self.end);
-            Some(a)
-        } else {
-            None
-        };
-        let gsec = (gt_at / SECTOR) as u32;
-        self.file
-            .write_at(
-                &gsec.to_le_bytes(),
-                self.header.gd_offset * SECTOR + idx as u64 * 4,
-            )
-            .map_err(io(&self.path))?;
-        self.gd[idx] = gsec;
-        if let (Some(r), Some(a)) = (self.rgd.as_mut(), rgt_at) {
-            let rsec = (a / SECTOR) as u32;
-            self.file
-                .write_at(
-                    &rsec.to_le_bytes(),
-                    self.header.rgd_offset * SECTOR + idx as u64 * 4,
-                )
-                .map_err(io(&self.path))?;
-            r[idx] = rsec;
-        }
-        self.cached += t.len() * 4;
-        self.gts.insert(idx, t);
-        Ok(())
+        self.publish(idx, i, &[sec as u32])
     }
 
     /// Loads every grain table (a stream whose metadata is rewritten at the end needs them all).
