@@ -445,35 +445,6 @@ impl ParallelsImage {
     }
 }
 
-/// Copies `range` (offsets within a block at guest offset `guest`) from `lower` into the
-/// block at host offset `host`, skipping all-zero chunks: the block is a fresh hole there.
-fn copy_nonzero_lower(
-    file: &dyn HostFile,
-    path: &Path,
-    host: u64,
-    guest: u64,
-    range: std::ops::Range<u64>,
-    lower: &dyn LowerLayers,
-) -> Result<()> {
-    const CHUNK: u64 = 64 << 10;
-    if range.start >= range.end {
-        return Ok(());
-    }
-    let mut chunk = vec![0u8; CHUNK.min(range.end - range.start) as usize];
-    let mut pos = range.start;
-    while pos < range.end {
-        let n = CHUNK.min(range.end - pos) as usize;
-        let c = &mut chunk[..n];
-        lower.read_at(c, guest + pos)?;
-        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
-            file.write_at(c, host + pos)
-                .map_err(|e| StorageError::io(path, e))?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
-}
-
 /// Reads the format-extension cluster; returns whether an unknown feature is marked
 /// NECESSARY. Unknown optional features are ignored; a damaged cluster is only warned about
 /// (QEMU drops such extensions).
