@@ -11,6 +11,7 @@ pub mod interrupt;
 pub mod lifecycle;
 pub mod pci;
 pub mod pvpanic;
+pub mod scsi;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError};
