@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             cmdline: args.cmdline,
         },
         serial: args.serial,
+        storage: Vec::new(),
         reboot: args.reboot,
     };
     match ferry_vmm::run(&cfg) {

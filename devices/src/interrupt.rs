@@ -6,6 +6,17 @@ pub trait EdgeInterrupt: Send + Sync {
     fn trigger(&self);
 }
 
+/// A level-triggered line (PCI INTx): stays asserted until the device lowers it.
+pub trait LevelInterrupt: Send + Sync {
+    fn set_level(&self, asserted: bool);
+}
+
+/// Message-signalled interrupts (MSI, MSI-X): the device writes `data` at `address`, which
+/// the interrupt controllers decode.
+pub trait MsiSender: Send + Sync {
+    fn send(&self, address: u64, data: u32);
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::EdgeInterrupt;

@@ -13,7 +13,8 @@ pub mod pci;
 pub mod pvpanic;
 pub mod scsi;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
-pub use interrupt::EdgeInterrupt;
+pub use interrupt::{EdgeInterrupt, LevelInterrupt, MsiSender};
 pub use lifecycle::{ExitHandle, ExitRequest};

@@ -25,28 +25,73 @@ fail() {
 
 b64() { printf '%s' "$1" | base64 | tr -d '\n'; }
 
-# boot NAME SCRIPT [ferry run args...]: runs the guest in the foreground; sets $rc.
+# How long one guest may run before the harness stops it (a hang fails one scenario, not
+# the whole run). Normal boots here take 10-40 s.
+LIMIT=${LIMIT:-300}
+
+# launch NAME CMDLINE [ferry run args...]: starts ferry in the background; sets $pid.
+launch() {
+    name=$1 cmdline=$2; shift 2
+    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" "$@" \
+        >"$OUT/$name.log" 2>&1 &
+    pid=$!
+}
+
+# gone PID: true once PID has exited (a zombie counts: it only waits to be reaped).
+gone() {
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -z "$st" ] || [ "$st" = Z ]
+}
+
+# settle SECONDS: waits for $pid up to SECONDS, then stops it (TERM, then KILL); sets $rc,
+# which is "timeout" when the harness had to stop it. Never blocks on a process that the
+# host kernel cannot kill: the diagnostics go to the console and the run goes on.
+settle() {
+    waited=$1 i=0
+    while [ "$i" -lt "$1" ] && ! gone "$pid"; do sleep 1; i=$((i + 1)); done
+    if gone "$pid"; then wait "$pid"; rc=$?; return; fi
+    rc=timeout
+    echo "scenarios: ferry (pid $pid) still runs after $1 s: stopping it"
+    kill -TERM "$pid" 2>/dev/null
+    i=0
+    while [ "$i" -lt 10 ] && ! gone "$pid"; do sleep 1; i=$((i + 1)); done
+    kill -KILL "$pid" 2>/dev/null
+    i=0
+    while [ "$i" -lt 10 ] && ! gone "$pid"; do sleep 1; i=$((i + 1)); done
+    if gone "$pid"; then wait "$pid"; else
+        echo "scenarios: ferry (pid $pid) survives SIGKILL; its kernel stacks:"
+        for t in /proc/"$pid"/task/*; do
+            echo "  thread $(cat "$t/comm" 2>/dev/null): state $(sed 's/.*) //' "$t/stat" | cut -d' ' -f1)"
+            sed 's/^/    /' "$t/stack" 2>/dev/null
+        done
+    fi
+    echo "scenarios: kernel messages of the test host (last 40):"
+    dmesg 2>/dev/null | tail -n 40 | sed 's/^/  /'
+}
+
+# why_rc WHAT: describes a non-zero $rc for a failure message.
+why_rc() {
+    if [ "$rc" = timeout ]; then echo "ferry did not finish within $waited s"; else echo "ferry exited $rc, $1"; fi
+}
+
+# boot NAME SCRIPT [ferry run args...]: runs the guest to its end (or the limit); sets $rc.
 boot() {
     name=$1 script=$2; shift 2
-    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$BASE_CMDLINE ${EXTRA_CMDLINE:-}ferry.script=$(b64 "$script")" "$@" \
-        >"$OUT/$name.log" 2>&1
-    rc=$?
+    launch "$name" "$BASE_CMDLINE ${EXTRA_CMDLINE:-}ferry.script=$(b64 "$script")" "$@"
+    settle "$LIMIT"
 }
 
 # start NAME SCRIPT [args...]: runs the guest in the background; sets $pid.
 start() {
     name=$1 script=$2; shift 2
-    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$BASE_CMDLINE ferry.script=$(b64 "$script")" "$@" >"$OUT/$name.log" 2>&1 &
-    pid=$!
+    launch "$name" "$BASE_CMDLINE ferry.script=$(b64 "$script")" "$@"
 }
 
 # wait_for FILE PATTERN COUNT SECONDS: until PATTERN occurs COUNT times in FILE.
 wait_for() {
     i=0
     while [ "$i" -lt "$4" ]; do
-        [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "$3" ] && return 0
+        [ "$(grep -c "$2" "$1" 2>/dev/null || true)" -ge "$3" ] 2>/dev/null && return 0
         sleep 1; i=$((i + 1))
     done
     return 1
@@ -64,7 +109,7 @@ echo SHOUT=$(echo hello from the guest | tr a-z A-Z)'
 # check_boot NAME LOG CPUS MIN_KB MAX_KB: a clean boot, poweroff and the facts.
 check_boot() {
     n=$1 log=$2
-    [ "$rc" = 0 ] || { fail "$n" "ferry exited $rc, expected 0 after the guest's poweroff"; return; }
+    [ "$rc" = 0 ] || { fail "$n" "$(why_rc "expected 0 after the guest's poweroff")"; return; }
     grep -q '^GUEST-READY' "$log" || { fail "$n" "no GUEST-READY line"; return; }
     grep -q '^GUEST-SCRIPT-END rc=0' "$log" || { fail "$n" "the guest script did not finish cleanly"; return; }
     [ "$(value NPROC "$log")" = "$3" ] || { fail "$n" "nproc is '$(value NPROC "$log")', expected $3"; return; }
@@ -103,7 +148,7 @@ sc_mem_5g() {
 # reboot through the ACPI reset register (Linux's default) and through the i8042.
 check_reset() {
     n=$1 log=$OUT/$1.log
-    [ "$rc" = 0 ] || { fail "$n" "ferry exited $rc, expected 0 after the guest's reboot"; return; }
+    [ "$rc" = 0 ] || { fail "$n" "$(why_rc "expected 0 after the guest's reboot")"; return; }
     grep -q 'the guest reset' "$log" || { fail "$n" "ferry did not see a reset"; return; }
     grep -q '^GUEST-SCRIPT-END' "$log" && { fail "$n" "the guest finished its script instead of rebooting"; return; }
     pass "$n"
@@ -122,13 +167,13 @@ sc_reboot_kbd() {
 stop_by_signal() {
     n=$1 sig=$2 code=$3 marker=$4 count=$5 script=$6; shift 6
     start "$n" "$script" "$@"
-    if wait_for "$OUT/$n.log" "$marker" "$count" 600; then
-        kill "-$sig" "$pid"; wait "$pid"; rc=$?
-        [ "$rc" = "$code" ] || { fail "$n" "ferry exited $rc after SIG$sig, expected $code"; return; }
+    if wait_for "$OUT/$n.log" "$marker" "$count" "$LIMIT"; then
+        kill "-$sig" "$pid"; settle 30
+        [ "$rc" = "$code" ] || { fail "$n" "$(why_rc "expected $code after SIG$sig")"; return; }
         pass "$n"
     else
-        kill -KILL "$pid" 2>/dev/null; wait "$pid"
-        fail "$n" "'$marker' did not appear $count time(s)"
+        settle 0
+        fail "$n" "'$marker' did not appear $count time(s) within $LIMIT s"
     fi
 }
 
@@ -145,7 +190,7 @@ sc_sigint() {
 # A guest kernel panic (reported through pvpanic) ends ferry with exit code 3.
 sc_panic() {
     boot panic 'echo c > /proc/sysrq-trigger' --memory 256M
-    [ "$rc" = 3 ] || { fail panic "ferry exited $rc after a guest panic, expected 3"; return; }
+    [ "$rc" = 3 ] || { fail panic "$(why_rc "expected 3 after a guest panic")"; return; }
     grep -q 'panicked' "$OUT/panic.log" || { fail panic "no panic message"; return; }
     pass panic
 }
@@ -157,13 +202,47 @@ sc_kit_fio() {
     boot $n 'fio --version
 fio --name=t --filename=/tmp/f --size=8M --rw=randwrite --bs=4k --verify=crc32c --output-format=terse >/dev/null && echo FIO=ok' --memory 512M
     INITRD=$small
-    [ "$rc" = 0 ] || { fail $n "ferry exited $rc"; return; }
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
     grep -q '^fio-' "$OUT/$n.log" || { fail $n "fio did not run"; return; }
     [ "$(value FIO "$OUT/$n.log")" = ok ] || { fail $n "fio verify failed"; return; }
     pass $n
 }
 
+# virtio-scsi: Linux's virtio_scsi driver finds the disks with their sizes and rotation flag,
+# fio with verification passes on each, and what the guest wrote is in the image files.
+sc_virtio_scsi() {
+    n=virtio_scsi
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT"/vs-*
+    truncate -s 256M "$OUT/vs-0.raw" && truncate -s 128M "$OUT/vs-1.raw" || { fail $n "cannot make the disk files"; return; }
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdb ]; do sleep 1; i=$((i + 1)); done
+for d in /sys/block/sd*; do
+  echo "DISK $(basename $d) $(cat $d/size) rot=$(cat $d/queue/rotational) $(cat $d/device/vendor | tr -d " ")"
+done
+for dev in /dev/sda /dev/sdb; do
+  fio --name=v --filename=$dev --size=64M --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+      --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO $dev ok" || { echo "FIO $dev FAIL"; cat /tmp/fio.err; }
+done
+yes FERRY-PATTERN | head -c 1048576 | dd of=/dev/sdb bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written' \
+        --memory 512M --cpus 2 --storagectl name=s,type=virtio-scsi \
+        --attach "ctl=s,port=0,medium=$OUT/vs-0.raw" \
+        --attach "ctl=s,port=1,medium=$OUT/vs-1.raw,nonrotational=on"
+    INITRD=$small
+    log=$OUT/$n.log
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    grep -q '^DISK sda 524288 rot=1 FERRY' "$log" || { fail $n "sda is not a 256 MiB rotational FERRY disk"; return; }
+    grep -q '^DISK sdb 262144 rot=0 FERRY' "$log" || { fail $n "sdb is not a 128 MiB non-rotational FERRY disk"; return; }
+    grep -q '^FIO /dev/sda ok' "$log" || { fail $n "fio verify failed on sda"; return; }
+    grep -q '^FIO /dev/sdb ok' "$log" || { fail $n "fio verify failed on sdb"; return; }
+    [ "$(value PATTERN "$log")" = written ] || { fail $n "the guest could not write its pattern"; return; }
+    yes FERRY-PATTERN | head -c 1048576 >"$OUT/vs-pattern"
+    dd if="$OUT/vs-1.raw" of="$OUT/vs-back" bs=65536 skip=16 count=16 2>/dev/null
+    cmp -s "$OUT/vs-pattern" "$OUT/vs-back" || { fail $n "the image file does not hold what the guest wrote"; return; }
+    pass $n
+}
+
 all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic"
+if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"
     "sc_$s"

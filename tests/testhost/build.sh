@@ -130,6 +130,7 @@ build_qemu_bundle() {
     # TCG modules: the others are display/audio/USB-host back ends.
     mkdir -p "$q/lib/qemu"
     for m in "$(deb_dir qemu-system-common)"/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-*.so; do
+        [ -e "$m" ] || continue   # newer QEMU builds TCG in
         cp "$m" "$q/lib/qemu/"
         copy_libs "$q/lib" "$ldso --library-path $libpath --list" "$m"
     done

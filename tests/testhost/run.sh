@@ -3,16 +3,20 @@
 # -cpu max (emulated AMD SVM), where kvm-amd gives a /dev/kvm with real
 # hardware-virtualization semantics.
 # Usage: tests/testhost/run.sh --payload DIR --script REL_PATH [--mem 6G]
-#            [--smp 2] [--timeout SECONDS] [--with-qemu] [--append ARGS] [--keep]
+#            [--smp 2] [--timeout SECONDS] [--stall SECONDS] [--with-qemu]
+#            [--append ARGS] [--keep]
 #   DIR is copied to /payload in the test host; inside, /init runs
 #   `cd /payload && sh REL_PATH`. The shared libraries of every dynamically
 #   linked ELF file in DIR (found with ldd on this machine) are copied along.
 #   --with-qemu   also put Debian's QEMU into the test host (qemu-system-x86_64
 #                 on PATH there), e.g. to compare ferry with QEMU -enable-kvm
+#   --stall SECONDS  stop the test host when its console is silent this long
+#                 (QEMU TCG's emulated SVM can leave a CPU of the test host stuck
+#                 in a nested guest forever; a silent console is how that shows)
 #   --append ARGS extra kernel command line for the test host
 #   --keep        keep the temporary directory target/testhost/run.<pid>
 # All serial output of the test host streams to stdout. Exit status: the
-# payload script's (0 only if it succeeded); 124 on timeout; 125 if the test
+# payload script's (0 only if it succeeded); 124 on timeout or stall; 125 if the test
 # host ended without reporting one (crash, panic, QEMU failure).
 # Needs bash (pipefail), python3, ldd; builds the test host if needed.
 set -euo pipefail
@@ -22,7 +26,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 KIT="$REPO/tests/guest-kit"
 . "$KIT/debs.sh"
 
-payload="" script="" mem=6G smp=2 timeout=1800 with_qemu="" append="" keep=""
+payload="" script="" mem=6G smp=2 timeout=1800 stall=0 with_qemu="" append="" keep=""
 while [ $# -gt 0 ]; do
     case $1 in
         --payload) payload=${2:?--payload needs a directory}; shift 2 ;;
@@ -30,10 +34,11 @@ while [ $# -gt 0 ]; do
         --mem) mem=${2:?}; shift 2 ;;
         --smp) smp=${2:?}; shift 2 ;;
         --timeout) timeout=${2:?}; shift 2 ;;
+        --stall) stall=${2:?}; shift 2 ;;
         --with-qemu) with_qemu=1; shift ;;
         --append) append=${2?}; shift 2 ;;
         --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -43,6 +48,7 @@ done
 [ -f "$payload/$script" ] || die "payload script '$payload/$script' does not exist"
 case $script in /*) die "--script must be relative to the payload directory" ;; esac
 case $timeout in ''|*[!0-9]*) die "--timeout must be a number of seconds" ;; esac
+case $stall in ''|*[!0-9]*) die "--stall must be a number of seconds" ;; esac
 payload=$(cd "$payload" && pwd)
 
 # Build (or confirm up to date) the test host image and find QEMU.
@@ -103,11 +109,26 @@ log="$tmp/serial.log"     # copied to target/testhost/last-run.log at the end
 start=$(date +%s.%N)
 ready_wall=""
 set +e
+stalled="$tmp/stalled"
 timeout -k 10 "$timeout" $QEMU -accel tcg,thread=multi -cpu max -m "$mem" -smp "$smp" \
-    -nographic -no-reboot -vga none -nic none \
+    -nographic -no-reboot -vga none -nic none -pidfile "$tmp/qemu.pid" \
     -kernel "$OUT/vmlinuz" -initrd "$tmp/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet $append" 2>&1 |
-while IFS= read -r line || [ -n "$line" ]; do
+while :; do
+    if [ "$stall" -gt 0 ]; then
+        IFS= read -r -t "$stall" line; r=$?
+    else
+        IFS= read -r line; r=$?
+    fi
+    if [ "$r" -gt 128 ]; then
+        # Silent for --stall seconds: stop QEMU; the loop then reads to EOF.
+        echo "testhost: no console output for ${stall}s: stopping the test host" | tee -a "$log"
+        : >"$stalled"
+        kill "$(cat "$tmp/qemu.pid" 2>/dev/null)" 2>/dev/null
+        stall=0
+        continue
+    fi
+    [ "$r" = 0 ] || [ -n "$line" ] || break
     printf '%s\n' "$line"
     printf '%s\n' "$line" >>"$log"
     case $line in
@@ -123,6 +144,10 @@ cp "$log" "$OUT/last-run.log.$$" && mv "$OUT/last-run.log.$$" "$OUT/last-run.log
 log="$OUT/last-run.log"
 
 marker=$(tr -d '\r' <"$log" | grep -a -o 'TESTHOST-EXIT rc=[0-9]*' | tail -n1 || true)
+if [ -e "$stalled" ]; then
+    echo "testhost: FAILED: the test host stalled (no output for the --stall time); log: $log" >&2
+    exit 124
+fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     echo "testhost: FAILED: timeout after ${timeout}s (QEMU killed); log: $log" >&2
     exit 124

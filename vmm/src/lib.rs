@@ -7,12 +7,14 @@ pub mod host;
 pub mod hypervisor;
 pub mod machine;
 mod msr;
+pub mod storage;
 mod vcpu;
 
 pub use console::SerialMode;
 pub use exit::Outcome;
 pub use ferry_firmware::LinuxBootSpec;
 pub use machine::{run, VmConfig};
+pub use storage::{ControllerConfig, ControllerKind, UnitConfig};
 
 use hypervisor::HypervisorError;
 

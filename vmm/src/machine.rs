@@ -9,11 +9,12 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use ferry_devices::acpi_pm::{self, AcpiPm};
 use ferry_devices::cmos::{self, Cmos};
 use ferry_devices::i8042::{self, I8042};
-use ferry_devices::pci::{self, DevFn, HostBridge, PciConfigIo, PciRoot};
+use ferry_devices::pci::{self, DevFn, HostBridge, PciBarWindow, PciConfigIo, PciRoot};
 use ferry_devices::pvpanic::{self, PvPanic};
 use ferry_devices::serial::{self, Serial};
 use ferry_devices::{Bus, BusDevice, ExitHandle};
 use ferry_firmware::acpi::{write_acpi_tables, AcpiPlatform};
+use ferry_firmware::layout::{PCI_MMIO32_END, PCI_MMIO32_START};
 use ferry_firmware::{load_linux, LinuxBootSpec, MemoryMap};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -21,7 +22,12 @@ use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, Sha
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
 use crate::hypervisor::{self, Hypervisor};
+use crate::storage::{attach_controllers, ControllerConfig, QueueHandler};
 use crate::{host, msr, vcpu, VmmError};
+
+/// I/O ports for PCI BARs: above the legacy devices, as the DSDT's _CRS offers them.
+const PCI_IO_START: u64 = 0xc000;
+const PCI_IO_END: u64 = 0x1_0000;
 
 /// Everything one `ferry run` needs.
 #[derive(Debug, Clone)]
@@ -32,6 +38,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// Restart the guest when it resets instead of exiting.
     pub reboot: bool,
+    /// Storage controllers with their disks and drives.
+    pub storage: Vec<ControllerConfig>,
 }
 
 /// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
@@ -201,16 +209,49 @@ fn boot_once(
     )?;
     let mut root = PciRoot::new();
     root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    let queue_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
+    root.set_doorbell_hook(vm.clone().doorbell_hook());
+    let root = Arc::new(root);
+    // What firmware would do before the kernel runs: give every BAR an address.
+    if !root.assign_bars(
+        (PCI_MMIO32_START, PCI_MMIO32_END + 1),
+        (PCI_IO_START, PCI_IO_END),
+    ) {
+        return Err(VmmError::Device(
+            "the PCI devices' BARs do not fit in the PCI hole".into(),
+        ));
+    }
     for (devfn, what) in root.describe() {
-        tracing::info!("pci {devfn}: {what}, no interrupt");
+        tracing::info!("pci {devfn}: {what}");
     }
     insert(
         &mut pio,
         pci::PCI_CONFIG_IO_BASE,
         pci::PCI_CONFIG_IO_LEN,
         Arc::new(Mutex::new(PciConfigIo::new(
-            Arc::new(root),
+            root.clone(),
             exit_handle.clone(),
+        ))),
+    )?;
+    insert(
+        &mut pio,
+        PCI_IO_START,
+        PCI_IO_END - PCI_IO_START,
+        Arc::new(Mutex::new(PciBarWindow::new(
+            root.clone(),
+            PCI_IO_START,
+            true,
+        ))),
+    )?;
+    let mut mmio = Bus::new();
+    insert(
+        &mut mmio,
+        PCI_MMIO32_START,
+        PCI_MMIO32_END + 1 - PCI_MMIO32_START,
+        Arc::new(Mutex::new(PciBarWindow::new(
+            root.clone(),
+            PCI_MMIO32_START,
+            false,
         ))),
     )?;
 
@@ -237,7 +278,7 @@ fn boot_once(
     let supported = hv.supported_cpuid()?;
     let msrs = msr::boot_msrs();
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mmio = Arc::new(mmio);
     let stop = Arc::new(AtomicBool::new(false));
     let mut vcpus = Vec::new();
     for id in 0..cpus {
@@ -276,7 +317,7 @@ fn boot_once(
         cfg.boot.kernel.display()
     );
 
-    let result = event_loop(&exit, &serial, &sink, input, signals);
+    let result = event_loop(&exit, &serial, &sink, input, signals, queue_handlers);
     vcpu::stop_all(&stop, threads);
     sink.flush_pending();
     drop(vm);
@@ -289,6 +330,7 @@ fn event_loop(
     sink: &SharedSink,
     input: ConsoleInput,
     signals: &SignalPipes,
+    queue_handlers: Vec<QueueHandler>,
 ) -> Result<Outcome, VmmError> {
     let ev_err = |e: event_manager::Error| VmmError::EventLoop(e.to_string());
     let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -297,6 +339,9 @@ fn event_loop(
     em.add_subscriber(Box::new(ConsoleInputHandler::new(input, serial.clone())));
     em.add_subscriber(Box::new(signals.watcher(exit.clone())?));
     em.add_subscriber(Box::new(ConsoleFlusher(sink.clone())));
+    for h in queue_handlers {
+        em.add_subscriber(Box::new(h));
+    }
     loop {
         // While console output is buffered, wake up soon to push it out (a prompt without a
         // newline must still reach the user); otherwise sleep until something happens.

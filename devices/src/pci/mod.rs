@@ -1,16 +1,34 @@
-//! PCI: configuration space, the root bus with configuration mechanism #1, and the host bridge.
+//! PCI: configuration space, the root bus with configuration mechanism #1, BAR decoding,
+//! MSI-X, and the host bridge.
 
 mod config;
 mod host_bridge;
+mod msix;
 mod root;
 
-pub use config::PciConfigSpace;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub use config::{affects_bars, BarKind, BarRange, PciConfigSpace, BAR_COUNT};
 pub use host_bridge::HostBridge;
+pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
 pub use root::{
-    PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, RESET_CONTROL_OFFSET, RESET_VALUE,
+    DoorbellHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
+    RESET_CONTROL_OFFSET, RESET_VALUE,
 };
 
-/// A function on the PCI bus, as configuration cycles see it.
+/// A register whose writes only need to wake the device: `offset` within memory BAR `bar`.
+/// The vmm lets the hypervisor signal `event` without a VM exit (ioeventfd); a write that
+/// reaches the device anyway must signal `event` itself, so both paths behave the same.
+#[derive(Clone)]
+pub struct Doorbell {
+    pub bar: usize,
+    pub offset: u64,
+    pub event: Arc<EventFd>,
+}
+
+/// A function on the PCI bus, as configuration cycles and BAR accesses see it.
 pub trait PciDevice: Send {
     /// Reads the 32-bit configuration register `reg` (dword index, 0..64).
     fn config_read(&mut self, reg: usize) -> u32;
@@ -22,10 +40,30 @@ pub trait PciDevice: Send {
         let class = self.config_read(2) >> 8;
         format!("{:04x}:{:04x} class {:06x}", id & 0xffff, id >> 16, class)
     }
+    /// The BARs that decode now (see [`PciConfigSpace::bar_ranges`]).
+    fn bar_ranges(&mut self) -> Vec<BarRange> {
+        Vec::new()
+    }
+    /// The BARs the function declares: (index, kind, size); firmware assigns them.
+    fn declared_bars(&mut self) -> Vec<(usize, BarKind, u64)> {
+        Vec::new()
+    }
+    /// A read at `offset` within BAR `bar`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xff);
+    }
+    /// A write at `offset` within BAR `bar`.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
+    fn doorbells(&self) -> Vec<Doorbell> {
+        Vec::new()
+    }
 }
 
 /// A device and function number on bus 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DevFn(pub u8);
 
 impl DevFn {

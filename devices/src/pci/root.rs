@@ -2,9 +2,11 @@
 //! control register at 0xCF9 that the FADT names as the ACPI reset register.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use super::{DevFn, PciDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{affects_bars, BarKind, BarRange, DevFn, PciDevice};
 use crate::bus::lock;
 use crate::{BusDevice, ExitHandle, ExitRequest};
 
@@ -17,10 +19,21 @@ pub const RESET_VALUE: u8 = 0x06;
 const RESET_CPU: u8 = 1 << 2;
 const ENABLE: u32 = 1 << 31;
 
-/// The functions on bus 0.
+/// Where the vmm attaches doorbells to the hypervisor (ioeventfd on KVM). Called whenever a
+/// BAR with doorbells moves, so the fast path follows the guest's (or firmware's) layout.
+pub trait DoorbellHook: Send + Sync {
+    fn attach(&self, addr: u64, event: &EventFd);
+    fn detach(&self, addr: u64, event: &EventFd);
+}
+
+type Device = Arc<Mutex<dyn PciDevice>>;
+
+/// The functions on bus 0 and where their BARs decode.
 #[derive(Default)]
 pub struct PciRoot {
-    devices: BTreeMap<DevFn, Arc<Mutex<dyn PciDevice>>>,
+    devices: BTreeMap<DevFn, Device>,
+    decode: RwLock<Vec<(BarRange, DevFn)>>,
+    doorbell_hook: Option<Arc<dyn DoorbellHook>>,
 }
 
 impl PciRoot {
@@ -29,12 +42,16 @@ impl PciRoot {
     }
 
     /// Adds a function; returns false when the slot is taken.
-    pub fn add(&mut self, devfn: DevFn, dev: Arc<Mutex<dyn PciDevice>>) -> bool {
+    pub fn add(&mut self, devfn: DevFn, dev: Device) -> bool {
         if self.devices.contains_key(&devfn) {
             return false;
         }
         self.devices.insert(devfn, dev);
         true
+    }
+
+    pub fn set_doorbell_hook(&mut self, hook: Arc<dyn DoorbellHook>) {
+        self.doorbell_hook = Some(hook);
     }
 
     /// Each function with its description, for the machine's log.
@@ -43,6 +60,52 @@ impl PciRoot {
             .iter()
             .map(|(d, dev)| (*d, lock(dev).describe()))
             .collect()
+    }
+
+    /// Assigns every BAR an address as firmware does: memory BARs upwards from `mmio.0`, I/O
+    /// BARs upwards from `io.0`, each aligned to its size; then enables decoding. Returns false
+    /// when a window is too small.
+    pub fn assign_bars(&self, mmio: (u64, u64), io: (u64, u64)) -> bool {
+        let (mut next_mem, mut next_io) = (mmio.0, io.0);
+        let mut ok = true;
+        for (&devfn, dev) in &self.devices {
+            let bars = lock(dev).declared_bars();
+            let mut command = 0u8;
+            for (index, kind, size) in bars {
+                let (next, end) = match kind {
+                    BarKind::Io => (&mut next_io, io.1),
+                    _ => (&mut next_mem, mmio.1),
+                };
+                let base = next.next_multiple_of(size);
+                if base + size > end {
+                    tracing::warn!("pci {devfn}: no room for BAR{index} ({size:#x} bytes)");
+                    ok = false;
+                    continue;
+                }
+                *next = base + size;
+                let reg = 4 + index;
+                self.write(0, devfn, reg, 0, &(base as u32).to_le_bytes());
+                if kind == BarKind::Memory64 {
+                    self.write(0, devfn, reg + 1, 0, &((base >> 32) as u32).to_le_bytes());
+                }
+                command |= if kind == BarKind::Io { 1 } else { 2 };
+            }
+            if command != 0 {
+                let cur = lock(dev).config_read(1) as u8;
+                self.write(0, devfn, 1, 0, &[cur | command]);
+            }
+        }
+        ok
+    }
+
+    /// The device, BAR index and offset that decode `addr` of `kind` (I/O or memory).
+    fn bar_at(&self, io: bool, addr: u64) -> Option<(Device, usize, u64)> {
+        let decode = self.decode.read().unwrap_or_else(|e| e.into_inner());
+        let (r, devfn) = decode
+            .iter()
+            .find(|(r, _)| (r.kind == BarKind::Io) == io && r.contains(addr))?;
+        let dev = self.devices.get(devfn)?.clone();
+        Some((dev, r.index, addr - r.base))
     }
 
     fn read(&self, bus: u8, devfn: DevFn, reg: usize) -> u32 {
@@ -54,8 +117,80 @@ impl PciRoot {
     }
 
     fn write(&self, bus: u8, devfn: DevFn, reg: usize, offset: usize, data: &[u8]) {
-        if let (0, Some(dev)) = (bus, self.devices.get(&devfn)) {
-            lock(dev).config_write(reg, offset, data);
+        let (0, Some(dev)) = (bus, self.devices.get(&devfn)) else {
+            return;
+        };
+        let mut d = lock(dev);
+        d.config_write(reg, offset, data);
+        if affects_bars(reg) {
+            let ranges = d.bar_ranges();
+            let doorbells = d.doorbells();
+            drop(d);
+            self.update_decode(devfn, ranges, &doorbells);
+        }
+    }
+
+    fn update_decode(&self, devfn: DevFn, ranges: Vec<BarRange>, doorbells: &[super::Doorbell]) {
+        let mut decode = self.decode.write().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<BarRange> = decode
+            .iter()
+            .filter(|(_, d)| *d == devfn)
+            .map(|(r, _)| *r)
+            .collect();
+        if old == ranges {
+            return;
+        }
+        decode.retain(|(_, d)| *d != devfn);
+        decode.extend(ranges.iter().map(|r| (*r, devfn)));
+        drop(decode);
+        let Some(hook) = &self.doorbell_hook else {
+            return;
+        };
+        let addr = |set: &[BarRange], bell: &super::Doorbell| {
+            set.iter()
+                .find(|r| r.index == bell.bar && r.kind != BarKind::Io)
+                .map(|r| r.base + bell.offset)
+        };
+        for bell in doorbells {
+            let (before, after) = (addr(&old, bell), addr(&ranges, bell));
+            if before == after {
+                continue;
+            }
+            if let Some(a) = before {
+                hook.detach(a, &bell.event);
+            }
+            if let Some(a) = after {
+                hook.attach(a, &bell.event);
+            }
+        }
+    }
+}
+
+/// The part of the address space where PCI BARs live (the 32-bit MMIO hole, or the I/O ports
+/// above the legacy devices): accesses go to whichever BAR decodes them now.
+pub struct PciBarWindow {
+    root: Arc<PciRoot>,
+    base: u64,
+    io: bool,
+}
+
+impl PciBarWindow {
+    pub fn new(root: Arc<PciRoot>, base: u64, io: bool) -> Self {
+        Self { root, base, io }
+    }
+}
+
+impl BusDevice for PciBarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.root.bar_at(self.io, self.base + offset) {
+            Some((dev, bar, off)) => lock(&dev).bar_read(bar, off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((dev, bar, off)) = self.root.bar_at(self.io, self.base + offset) {
+            lock(&dev).bar_write(bar, off, data);
         }
     }
 }
@@ -187,5 +322,105 @@ mod tests {
         assert!(exit.requests().is_empty());
         io.write(1, &[RESET_VALUE]);
         assert_eq!(exit.requests(), vec![ExitRequest::Reset]);
+    }
+
+    struct BarDev {
+        config: crate::pci::PciConfigSpace,
+        bell: Arc<EventFd>,
+        last_write: Option<(usize, u64)>,
+    }
+    impl PciDevice for BarDev {
+        fn config_read(&mut self, reg: usize) -> u32 {
+            self.config.read_dword(reg)
+        }
+        fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+            self.config.write(reg, offset, data)
+        }
+        fn bar_ranges(&mut self) -> Vec<BarRange> {
+            self.config.bar_ranges()
+        }
+        fn declared_bars(&mut self) -> Vec<(usize, BarKind, u64)> {
+            self.config.declared_bars()
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, _: &[u8]) {
+            self.last_write = Some((bar, offset));
+        }
+        fn doorbells(&self) -> Vec<crate::pci::Doorbell> {
+            vec![crate::pci::Doorbell {
+                bar: 0,
+                offset: 0x10,
+                event: self.bell.clone(),
+            }]
+        }
+    }
+
+    #[derive(Default)]
+    struct Hook(Mutex<Vec<(bool, u64)>>);
+    impl DoorbellHook for Hook {
+        fn attach(&self, addr: u64, _: &EventFd) {
+            self.0.lock().unwrap().push((true, addr));
+        }
+        fn detach(&self, addr: u64, _: &EventFd) {
+            self.0.lock().unwrap().push((false, addr));
+        }
+    }
+
+    #[test]
+    fn bars_are_assigned_decoded_and_followed() {
+        let mut config = crate::pci::PciConfigSpace::new(0x1af4, 0x1000, 0, (1, 0, 0));
+        config.add_bar(0, BarKind::Memory32, 0x1000);
+        config.add_bar(1, BarKind::Io, 0x20);
+        let dev = Arc::new(Mutex::new(BarDev {
+            config,
+            bell: Arc::new(EventFd::new(0).unwrap()),
+            last_write: None,
+        }));
+        let mut root = PciRoot::new();
+        root.add(DevFn::new(1, 0), dev.clone());
+        let hook = Arc::new(Hook::default());
+        root.set_doorbell_hook(hook.clone());
+        let root = Arc::new(root);
+        assert!(root.assign_bars((0xc000_0000, 0xc000_2000), (0xc000, 0x10000)));
+        assert_eq!(*hook.0.lock().unwrap(), vec![(true, 0xc000_0010)]);
+        let mut mmio = PciBarWindow::new(root.clone(), 0xc000_0000, false);
+        let mut pio = PciBarWindow::new(root.clone(), 0xc000, true);
+        let mut b = [0u8; 1];
+        mmio.read(0x5, &mut b);
+        assert_eq!(b[0], 0x05);
+        pio.read(0x3, &mut b);
+        assert_eq!(b[0], 0x13);
+        mmio.read(0x1000, &mut b);
+        assert_eq!(b[0], 0xff, "past the BAR: nobody answers");
+        mmio.write(0x44, &[1]);
+        assert_eq!(dev.lock().unwrap().last_write, Some((0, 0x44)));
+        // The guest moves BAR0 (through configuration cycles): decoding and the doorbell follow.
+        let mut io = PciConfigIo::new(root.clone(), Arc::new(RecordingExit::default()));
+        io.write(
+            0,
+            &(ENABLE | (u32::from(DevFn::new(1, 0).0) << 8) | (4 << 2)).to_le_bytes(),
+        );
+        io.write(4, &0xc000_1000u32.to_le_bytes());
+        assert_eq!(
+            *hook.0.lock().unwrap(),
+            vec![
+                (true, 0xc000_0010),
+                (false, 0xc000_0010),
+                (true, 0xc000_1010)
+            ]
+        );
+        mmio.read(0x1005, &mut b);
+        assert_eq!(b[0], 0x05);
+        // Memory decoding off: nothing answers, the doorbell is detached.
+        io.write(
+            0,
+            &(ENABLE | (u32::from(DevFn::new(1, 0).0) << 8) | (1 << 2)).to_le_bytes(),
+        );
+        io.write(4, &[0x1, 0]);
+        mmio.read(0x1005, &mut b);
+        assert_eq!(b[0], 0xff);
+        assert_eq!(hook.0.lock().unwrap().last(), Some(&(false, 0xc000_1010)));
     }
 }

@@ -2,14 +2,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use ferry_devices::EdgeInterrupt;
+use ferry_devices::pci::DoorbellHook;
+use ferry_devices::{EdgeInterrupt, LevelInterrupt, MsiSender};
 use ferry_firmware::linux::Segment;
 use ferry_firmware::BootCpuState;
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_segment,
     kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -168,12 +169,81 @@ impl Vm for KvmVm {
         Ok(Arc::new(Irqfd(evt)))
     }
 
+    fn level_interrupt(self: Arc<Self>, gsi: u32) -> Arc<dyn LevelInterrupt> {
+        Arc::new(IrqLine { vm: self, gsi })
+    }
+
+    fn msi_sender(self: Arc<Self>) -> Arc<dyn MsiSender> {
+        Arc::new(MsiSignal(self))
+    }
+
+    fn doorbell_hook(self: Arc<Self>) -> Arc<dyn DoorbellHook> {
+        Arc::new(IoEventFds(self))
+    }
+
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(call_err("create a vCPU"))?;
         Ok(Box::new(KvmVcpu { fd }))
+    }
+}
+
+/// A level-triggered GSI driven with KVM_IRQ_LINE. The handles keep the whole VM (fd and
+/// memory, in their drop order) alive, never just the fd.
+struct IrqLine {
+    vm: Arc<KvmVm>,
+    gsi: u32,
+}
+
+impl LevelInterrupt for IrqLine {
+    fn set_level(&self, asserted: bool) {
+        if let Err(e) = self.vm.fd.set_irq_line(self.gsi, asserted) {
+            tracing::warn!("interrupt line {}: {e}", self.gsi);
+        }
+    }
+}
+
+struct MsiSignal(Arc<KvmVm>);
+
+impl MsiSender for MsiSignal {
+    fn send(&self, address: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.fd.signal_msi(msi) {
+            tracing::warn!("MSI to {address:#x}: {e}");
+        }
+    }
+}
+
+/// Doorbells as ioeventfds: a guest write there signals the eventfd inside KVM.
+struct IoEventFds(Arc<KvmVm>);
+
+impl DoorbellHook for IoEventFds {
+    fn attach(&self, addr: u64, event: &EventFd) {
+        if let Err(e) = self
+            .0
+            .fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+        {
+            // The device still sees the write as an MMIO exit: slower, not wrong.
+            tracing::warn!("ioeventfd at {addr:#x}: {e}");
+        }
+    }
+
+    fn detach(&self, addr: u64, event: &EventFd) {
+        if let Err(e) =
+            self.0
+                .fd
+                .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+        {
+            tracing::debug!("removing ioeventfd at {addr:#x}: {e}");
+        }
     }
 }
 

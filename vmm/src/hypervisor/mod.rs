@@ -5,7 +5,8 @@ pub mod kvm;
 
 use std::sync::Arc;
 
-use ferry_devices::EdgeInterrupt;
+use ferry_devices::pci::DoorbellHook;
+use ferry_devices::{EdgeInterrupt, LevelInterrupt, MsiSender};
 use ferry_firmware::BootCpuState;
 use vm_memory::GuestMemoryMmap;
 
@@ -80,6 +81,12 @@ pub trait Vm: Send + Sync {
     fn create_pc_irqchip(&self) -> Result<()>;
     /// An edge-triggered line into the interrupt controllers at `gsi`.
     fn edge_interrupt(&self, gsi: u32) -> Result<Arc<dyn EdgeInterrupt>>;
+    /// A level-triggered line at `gsi` (PCI INTx through the IOAPIC).
+    fn level_interrupt(self: Arc<Self>, gsi: u32) -> Arc<dyn LevelInterrupt>;
+    /// Delivers message-signalled interrupts (MSI, MSI-X) to the local APICs.
+    fn msi_sender(self: Arc<Self>) -> Arc<dyn MsiSender>;
+    /// Lets device doorbells be signalled without a VM exit.
+    fn doorbell_hook(self: Arc<Self>) -> Arc<dyn DoorbellHook>;
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
 }
 

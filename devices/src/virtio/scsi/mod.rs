@@ -1,0 +1,267 @@
+//! virtio-scsi (device type 8): a SCSI host whose targets are the controller's ports, each
+//! with one logical unit (LUN 0) from the shared SCSI target in `crate::scsi`. Queue 0 carries
+//! task management, queue 1 events (hot-plug, media change), the rest commands.
+
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::sync::Arc;
+
+use ferry_storage::Disk;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::VirtioDevice;
+use crate::scsi::{LogicalUnit, ScsiTarget};
+
+pub const DEVICE_TYPE: u16 = 8;
+const F_HOTPLUG: u64 = 1 << 1;
+const F_CHANGE: u64 = 1 << 2;
+const CONTROL_QUEUE: usize = 0;
+const EVENT_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Ports are SCSI targets 0..=MAX_TARGET; each has LUN 0.
+pub const MAX_TARGET: u16 = 255;
+const DEFAULT_SENSE_SIZE: u32 = 96;
+const DEFAULT_CDB_SIZE: u32 = 32;
+
+/// What sits on a port: the SCSI unit and the medium its data goes to.
+pub struct Port {
+    pub target: ScsiTarget,
+    pub medium: Option<Arc<Disk>>,
+}
+
+/// An event for the driver's event queue (virtio_scsi_event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub event: u32,
+    pub target: u8,
+    pub reason: u32,
+}
+
+/// VIRTIO_SCSI_T_TRANSPORT_RESET with reason RESCAN (a device appeared) or REMOVED.
+pub const T_TRANSPORT_RESET: u32 = 1;
+pub const EVT_RESET_RESCAN: u32 = 0;
+pub const EVT_RESET_REMOVED: u32 = 2;
+const T_EVENTS_MISSED: u32 = 0x8000_0000;
+
+pub struct VirtioScsi {
+    ports: BTreeMap<u8, Port>,
+    request_queues: u16,
+    sense_size: u32,
+    cdb_size: u32,
+    events: VecDeque<Event>,
+    events_missed: bool,
+}
+
+impl VirtioScsi {
+    pub fn new(request_queues: u16) -> Self {
+        Self {
+            ports: BTreeMap::new(),
+            request_queues: request_queues.clamp(1, 16),
+            sense_size: DEFAULT_SENSE_SIZE,
+            cdb_size: DEFAULT_CDB_SIZE,
+            events: VecDeque::new(),
+            events_missed: false,
+        }
+    }
+
+    /// Puts `unit` on `port` as LUN 0, backed by `medium` (None: an empty CD/DVD drive).
+    pub fn attach(
+        &mut self,
+        port: u8,
+        unit: LogicalUnit,
+        medium: Option<Arc<Disk>>,
+    ) -> Result<(), String> {
+        if self.ports.contains_key(&port) {
+            return Err(format!("port {port} is already in use"));
+        }
+        let mut target = ScsiTarget::new();
+        target.attach(0, unit).map_err(|e| e.to_string())?;
+        self.ports.insert(port, Port { target, medium });
+        Ok(())
+    }
+
+    /// Removes the unit on `port` and queues the hot-unplug event for the driver.
+    pub fn detach(&mut self, port: u8) -> Option<Port> {
+        let p = self.ports.remove(&port)?;
+        self.events.push_back(Event {
+            event: T_TRANSPORT_RESET,
+            target: port,
+            reason: EVT_RESET_REMOVED,
+        });
+        Some(p)
+    }
+
+    pub fn port_mut(&mut self, port: u8) -> Option<&mut Port> {
+        self.ports.get_mut(&port)
+    }
+
+    /// Fills the driver's event buffers with queued events; true if any was used.
+    fn deliver_events(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while !self.events.is_empty() || self.events_missed {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let (event, target, reason) = match self.events.pop_front() {
+                Some(e) => (
+                    e.event
+                        | if self.events_missed {
+                            T_EVENTS_MISSED
+                        } else {
+                            0
+                        },
+                    e.target,
+                    e.reason,
+                ),
+                None => (T_EVENTS_MISSED, 0, 0),
+            };
+            self.events_missed = false;
+            let mut buf = [0u8; 16];
+            buf[0..4].copy_from_slice(&event.to_le_bytes());
+            buf[4] = 1;
+            buf[5] = target;
+            buf[12..16].copy_from_slice(&reason.to_le_bytes());
+            let len = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= buf.len() => {
+                    w.write_all(&buf).map(|_| buf.len() as u32).unwrap_or(0)
+                }
+                _ => 0,
+            };
+            let _ = queue.add_used(mem, head, len);
+            used = true;
+        }
+        if self.events.len() > 64 {
+            // Nobody listens: drop the backlog and say so when a buffer comes.
+            self.events.clear();
+            self.events_missed = true;
+        }
+        used
+    }
+}
+
+impl VirtioDevice for VirtioScsi {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn device_features(&self) -> u64 {
+        F_HOTPLUG | F_CHANGE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 2 + usize::from(self.request_queues)]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_scsi_config, all little endian.
+        let mut cfg = Vec::with_capacity(36);
+        for v in [
+            u32::from(self.request_queues),
+            u32::from(QUEUE_SIZE) - 2, // seg_max: the header and response take a descriptor each
+            0xffff,                    // max_sectors
+            u32::from(QUEUE_SIZE),     // cmd_per_lun
+            16,                        // event_info_size
+            self.sense_size,
+            self.cdb_size,
+        ] {
+            cfg.extend_from_slice(&v.to_le_bytes());
+        }
+        cfg.extend_from_slice(&0u16.to_le_bytes()); // max_channel
+        cfg.extend_from_slice(&MAX_TARGET.to_le_bytes());
+        cfg.extend_from_slice(&0u32.to_le_bytes()); // max_lun: one unit per target
+        data.fill(0);
+        let start = offset as usize;
+        if let Some(src) = cfg.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        match offset {
+            20 => self.sense_size = v.clamp(0, request::MAX_SENSE as u32),
+            24 => self.cdb_size = v.clamp(6, request::MAX_CDB as u32),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.sense_size = DEFAULT_SENSE_SIZE;
+        self.cdb_size = DEFAULT_CDB_SIZE;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Vec<usize> {
+        let Some(queue) = queues.get_mut(index) else {
+            return Vec::new();
+        };
+        match index {
+            EVENT_QUEUE => {
+                if self.deliver_events(queue, mem) {
+                    vec![EVENT_QUEUE]
+                } else {
+                    Vec::new()
+                }
+            }
+            CONTROL_QUEUE => {
+                let mut used = false;
+                while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                    let head = chain.head_index();
+                    let len = request::control(chain, mem);
+                    let _ = queue.add_used(mem, head, len);
+                    used = true;
+                }
+                if used {
+                    vec![CONTROL_QUEUE]
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => {
+                let mut used = false;
+                loop {
+                    if queue.disable_notification(mem).is_err() {
+                        break;
+                    }
+                    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                        let head = chain.head_index();
+                        let len = request::command(
+                            chain,
+                            mem,
+                            &mut self.ports,
+                            self.cdb_size as usize,
+                            self.sense_size as usize,
+                        );
+                        if let Err(e) = queue.add_used(mem, head, len) {
+                            tracing::debug!("virtio-scsi: used ring: {e}");
+                        }
+                        used = true;
+                    }
+                    match queue.enable_notification(mem) {
+                        Ok(true) => continue,
+                        _ => break,
+                    }
+                }
+                if used {
+                    vec![index]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! virtio-scsi driven the way Linux's virtio_scsi driver drives it, over a raw image file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_storage::Disk;
+
+use super::*;
+use crate::scsi::{DiskParams, DiskUnit};
+use crate::virtio::testing::Driver;
+
+const RESP: usize = 12 + 96;
+
+struct Image(PathBuf);
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn image(name: &str, size: u64) -> (Image, Arc<Disk>) {
+    let p = std::env::temp_dir().join(format!("ferry-vscsi-{}-{name}.raw", std::process::id()));
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let disk = Disk::open(&p, true, &[]).unwrap();
+    (Image(p), Arc::new(disk))
+}
+
+fn disk_unit(size: u64) -> LogicalUnit {
+    LogicalUnit::Disk(
+        DiskUnit::new(DiskParams {
+            size_bytes: size,
+            block_size: 512,
+            nonrotational: true,
+            discard: false,
+            read_only: false,
+            write_cache: true,
+            vendor: "FERRY",
+            product: "HARDDISK",
+            serial: "S0".into(),
+            wwn: 0,
+        })
+        .unwrap(),
+    )
+}
+
+fn setup(name: &str) -> (Image, Driver) {
+    let (img, disk) = image(name, 1 << 20);
+    let mut dev = VirtioScsi::new(1);
+    dev.attach(2, disk_unit(1 << 20), Some(disk)).unwrap();
+    (img, Driver::new(Box::new(dev), F_HOTPLUG | F_CHANGE))
+}
+
+fn header(target: u8, cdb: &[u8]) -> Vec<u8> {
+    let mut h = vec![1, target, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&7u64.to_le_bytes());
+    h.extend_from_slice(&[0, 0, 0]);
+    let mut c = cdb.to_vec();
+    c.resize(32, 0);
+    h.extend_from_slice(&c);
+    h
+}
+
+/// (response code, SCSI status, sense key)
+fn resp(r: &[u8]) -> (u8, u8, u8) {
+    (r[11], r[10], r.get(12 + 2).copied().unwrap_or(0) & 0xf)
+}
+
+/// Runs a command on request queue 2 with `data_in` bytes of Data-In room.
+fn cmd(d: &mut Driver, target: u8, cdb: &[u8], data_out: &[u8], data_in: usize) -> Vec<Vec<u8>> {
+    let h = header(target, cdb);
+    let out: Vec<&[u8]> = if data_out.is_empty() {
+        vec![&h]
+    } else {
+        vec![&h, data_out]
+    };
+    let ins: Vec<usize> = if data_in == 0 {
+        vec![RESP]
+    } else {
+        vec![RESP, data_in]
+    };
+    let (used, bufs) = d.request(2, &out, &ins);
+    assert!(used.is_some(), "every request is answered");
+    bufs
+}
+
+#[test]
+fn inquiry_capacity_write_read() {
+    let (img, mut d) = setup("rw");
+    // The first command sees the power-on unit attention (06/29/00); Linux's scan eats it.
+    let b = cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp(&b[0]), (0, 2, 6));
+    assert!(
+        d.line.0.load(std::sync::atomic::Ordering::SeqCst),
+        "INTx without MSI-X"
+    );
+    let b = cmd(&mut d, 2, &[0x12, 0, 0, 0, 96, 0], &[], 96);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    assert_eq!(&b[1][8..13], b"FERRY");
+    let resid = u32::from_le_bytes(b[0][4..8].try_into().unwrap());
+    assert_eq!(resid as usize, 96 - usize::from(b[1][4]) - 5);
+    let b = cmd(&mut d, 2, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(&b[1][..8], &[0, 0, 0x07, 0xff, 0, 0, 2, 0]);
+    // WRITE(10) of two blocks at LBA 8, then READ(10) them back.
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+    let b = cmd(&mut d, 2, &[0x2a, 0, 0, 0, 0, 8, 0, 0, 2, 0], &data, 0);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0, 8, 0, 0, 2, 0], &[], 1024);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    assert_eq!(b[1], data);
+    // The bytes are in the image file where LBA 8 lives.
+    let on_disk = std::fs::read(&img.0).unwrap();
+    assert_eq!(&on_disk[4096..5120], &data[..]);
+    // SYNCHRONIZE CACHE(10) reaches the medium and succeeds.
+    let b = cmd(&mut d, 2, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    // Past the end: CHECK CONDITION, ILLEGAL REQUEST, nothing read.
+    let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0x08, 0, 0, 0, 1, 0], &[], 512);
+    assert_eq!(resp(&b[0]), (0, 2, 5));
+}
+
+#[test]
+fn hostile_requests_get_transport_errors() {
+    let (_img, mut d) = setup("bad");
+    // No unit on target 0: BAD_TARGET.
+    let b = cmd(&mut d, 0, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(b[0][11], 3);
+    // A LUN field that is not single-level addressing: BAD_TARGET too.
+    let mut h = header(2, &[0x00]);
+    h[0] = 0;
+    let (_, b) = d.request(2, &[&h], &[RESP]);
+    assert_eq!(b[0][11], 3);
+    // A header cut short: FAILURE.
+    let (used, b) = d.request(2, &[&[1, 2, 0]], &[RESP]);
+    assert_eq!(used, Some(RESP as u32));
+    assert_eq!(b[0][11], 9);
+    // No room for the response: the chain comes back unused but returned.
+    let h = header(2, &[0x00]);
+    let (used, _) = d.request(2, &[&h], &[8]);
+    assert_eq!(used, Some(0));
+    // Eat the power-on unit attention, then a READ whose Data-In buffer is too small:
+    // OVERRUN, not a write past the buffer.
+    cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    let (_, b) = d.request(
+        2,
+        &[&header(2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 4, 0])],
+        &[RESP, 512],
+    );
+    assert_eq!(b[0][11], 1);
+    assert!(b[1].iter().all(|&x| x == 0xee));
+    // A WRITE without its data: refused by the target (CHECK CONDITION) or the transport
+    // (OVERRUN); never GOOD.
+    let (_, b) = d.request(
+        2,
+        &[&header(2, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0])],
+        &[RESP],
+    );
+    assert!(
+        b[0][11] == 1 || (b[0][11] == 0 && b[0][10] == 2),
+        "{:?}",
+        &b[0][..16]
+    );
+}
+
+#[test]
+fn task_management_and_hotplug_events() {
+    let (_img, mut d) = setup("tmf");
+    // LOGICAL UNIT RESET on the control queue: FUNCTION COMPLETE.
+    let mut tmf = 0u32.to_le_bytes().to_vec();
+    tmf.extend_from_slice(&5u32.to_le_bytes());
+    tmf.extend_from_slice(&[1, 2, 0, 0, 0, 0, 0, 0]);
+    tmf.extend_from_slice(&0u64.to_le_bytes());
+    let (used, b) = d.request(0, &[&tmf], &[1]);
+    assert_eq!((used, b[0][0]), (Some(1), 0));
+    // An unknown control request is returned unused.
+    let (used, _) = d.request(0, &[&9u32.to_le_bytes()], &[4]);
+    assert_eq!(used, Some(0));
+    // No event pending: the driver's event buffer stays with the device.
+    let (used, _) = d.request(1, &[], &[16]);
+    assert_eq!(used, None);
+}
+
+#[test]
+fn event_for_a_removed_unit() {
+    let mut dev = VirtioScsi::new(1);
+    let (_img, disk) = image("ev", 1 << 20);
+    dev.attach(4, disk_unit(1 << 20), Some(disk)).unwrap();
+    assert!(dev.attach(4, disk_unit(1 << 20), None).is_err());
+    assert!(dev.detach(4).is_some());
+    let mut d = Driver::new(Box::new(dev), F_HOTPLUG);
+    let (used, b) = d.request(1, &[], &[16]);
+    assert_eq!(used, Some(16));
+    assert_eq!(
+        u32::from_le_bytes(b[0][0..4].try_into().unwrap()),
+        T_TRANSPORT_RESET
+    );
+    assert_eq!(&b[0][4..6], &[1, 4]);
+    assert_eq!(
+        u32::from_le_bytes(b[0][12..16].try_into().unwrap()),
+        EVT_RESET_REMOVED
+    );
+}
