@@ -494,11 +494,21 @@ fn plan_drive(
     }
     let path = find_image(bundle, image, label)?;
     // Opened (read-only) now, so a broken disk stops the import before anything is written.
-    let what = format!("{label} ({})", path.display());
+    let what = label.to_string();
     let (format, size) = if kind == DriveKind::Hdd {
-        let disk = Disk::open(&path, false, &[bundle.to_path_buf()])
-            .map_err(|source| ImportError::Disk { what, source })?;
+        let disk = Disk::open(&path, false, &[bundle.to_path_buf()]).map_err(|source| {
+            ImportError::Disk {
+                what: what.clone(),
+                source,
+            }
+        })?;
         let top = &disk.layers()[0];
+        if top.format() == ferry_storage::FormatKind::Raw {
+            check_raw(&path).map_err(|detail| ImportError::Disk {
+                what,
+                source: StorageError::corrupt(&path, detail),
+            })?;
+        }
         (top.format().name().to_string(), disk.size())
     } else {
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -516,6 +526,29 @@ fn plan_drive(
         format,
         size,
     }))
+}
+
+/// A Parallels disk read as raw must look like one: a "Plain" image is whole sectors, and a
+/// file that starts with a Parallels magic but did not open as Parallels is a broken one.
+fn check_raw(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let n = f.read(&mut head).map_err(|e| e.to_string())?;
+    let magics: [&[u8]; 2] = [b"WithoutFreeSpace", b"WithouFreSpacExt"];
+    if magics
+        .iter()
+        .any(|m| head[..n] == m[..n.min(16)] && n == 16)
+    {
+        return Err("it has a Parallels header that is cut short or damaged".into());
+    }
+    if len % 512 != 0 {
+        return Err(format!(
+            "it is not a disk image ferry can read (not Parallels, and {len} bytes is not a whole number of sectors)"
+        ));
+    }
+    Ok(())
 }
 
 /// A drive's image: relative names are inside the bundle; absolute ones are often paths on
