@@ -1,7 +1,9 @@
 //! `ferry`: the command line.
 
+mod import;
 mod run;
 mod size;
+mod vmdef;
 
 use std::process::ExitCode;
 
@@ -18,9 +20,12 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Import(import::ImportArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Import(args) => import::import(args),
     }
 }
 

@@ -6,7 +6,16 @@ use std::process::ExitCode;
 use clap::Args;
 use ferry_vmm::{LinuxBootSpec, Outcome, SerialMode, VmConfig};
 
+use std::sync::Arc;
+
+use ferry_storage::lock::ImageLock;
+use ferry_storage::{AttachmentSet, MediumType, Placement};
+use ferry_vmm::{ControllerConfig, ControllerKind, UnitConfig};
+
 use crate::size::parse_size;
+use crate::vmdef::storage::parse_flag;
+use crate::vmdef::value::{BootDevice, DriveKind, Firmware, Serial, Size};
+use crate::vmdef::{Attach, BwGroup, ControllerType, DefError, StorageCtl, VmDef};
 
 /// Exit codes a script can tell apart.
 const EXIT_ERROR: u8 = 1;
@@ -19,63 +28,256 @@ const EXIT_GUEST_FAILED: u8 = 4;
 /// --reboot), panics (exit code 3, seen through the pvpanic device) or the hypervisor gives up on
 /// it (exit code 4). Ctrl-C or SIGTERM stops it (exit code 128 + the signal number).
 ///
-/// Example:
+/// Examples:
 ///   ferry run --kernel vmlinuz --initrd initrd.img --cmdline "console=ttyS0" --memory 1G --cpus 2
+///   ferry run VM.toml --memory 2G          (VM.toml settings, with more memory)
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// Guest RAM, with a K/M/G suffix (a bare number means MiB). RAM beyond 3 GiB is placed
-    /// above 4 GiB, past the PCI hole.
-    #[arg(long, default_value = "512M", value_parser = parse_size, value_name = "SIZE")]
-    memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    cpus: u32,
+    /// A VM definition (VM.toml) with any of the settings below; flags override it.
+    #[arg(value_name = "VM.toml")]
+    config: Option<PathBuf>,
+    /// Guest RAM, with a K/M/G suffix (a bare number means MiB; default 512M). RAM beyond
+    /// 3 GiB is placed above 4 GiB, past the PCI hole.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    memory: Option<u64>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
     /// Linux kernel to boot directly (a bzImage such as /boot/vmlinuz-*).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for the kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(
-        long,
-        value_name = "STR",
-        default_value = "console=ttyS0",
-        requires = "kernel"
-    )]
-    cmdline: String,
-    /// Where the guest's first serial port (COM1) goes: stdio, file:PATH, or unix:PATH (a
-    /// socket ferry listens on; connect with `socat - UNIX-CONNECT:PATH`).
-    #[arg(long, default_value = "stdio", value_name = "TARGET")]
-    serial: SerialMode,
+    /// Kernel command line (default console=ttyS0).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Where the guest's first serial port (COM1) goes: stdio (default), file:PATH, or
+    /// unix:PATH (a socket ferry listens on; connect with `socat - UNIX-CONNECT:PATH`).
+    #[arg(long, value_name = "TARGET")]
+    serial: Option<Serial>,
     /// Boot the guest again when it resets, instead of exiting.
     #[arg(long)]
     reboot: bool,
     /// Run without a display window (ferry has no display yet: every run is headless).
     #[arg(long)]
     headless: bool,
+    /// Firmware for booting from disks: bios, efi, or a firmware image file.
+    #[arg(long, value_name = "bios|efi|PATH")]
+    firmware: Option<Firmware>,
+    /// Boot order, e.g. disk,dvd,net.
+    #[arg(long, value_name = "DEVICES", value_delimiter = ',')]
+    boot: Option<Vec<BootDevice>>,
+    /// A storage controller: name=C,type=TYPE[,hostiocache=on|off][,ports=N]. TYPE: ide-piix3,
+    /// ide-piix4, ide-ich6, ahci, lsilogic, lsilogic-sas, buslogic, nvme, virtio-scsi, usb-xhci.
+    #[arg(long, value_name = "SPEC", value_parser = |s: &str| parse_flag::<StorageCtl>(s).map(|v| (v, s.to_string())))]
+    storagectl: Vec<(StorageCtl, String)>,
+    /// Attach a medium: ctl=C,port=P[,device=D],medium=PATH[,type=hdd|dvd][,mtype=MTYPE]
+    /// [,autoreset=on|off][,nonrotational=on][,discard=on][,bwgroup=G][,hotpluggable=on].
+    /// MTYPE: normal, immutable, writethrough, shareable, multiattach, readonly.
+    #[arg(long, value_name = "SPEC", value_parser = |s: &str| parse_flag::<Attach>(s).map(|v| (v, s.to_string())))]
+    attach: Vec<(Attach, String)>,
+    /// A bandwidth group: name=G,limit=20M[,iops=N] (limit in bytes per second).
+    #[arg(long, value_name = "SPEC", value_parser = |s: &str| parse_flag::<BwGroup>(s).map(|v| (v, s.to_string())))]
+    bwgroup: Vec<(BwGroup, String)>,
+}
+
+/// The definition `ferry run` was given: the file, if any, with the flags over it.
+fn definition(args: RunArgs) -> Result<VmDef, DefError> {
+    let mut def = match &args.config {
+        Some(p) => VmDef::load(p)?,
+        None => VmDef::default(),
+    };
+    if let Some(m) = args.memory {
+        def.memory = Some(Size(m));
+    }
+    if let Some(c) = args.cpus {
+        def.cpus = Some(c);
+    }
+    if args.kernel.is_some() {
+        def.kernel = args.kernel;
+    }
+    if args.initrd.is_some() {
+        def.initrd = args.initrd;
+    }
+    if args.cmdline.is_some() {
+        def.cmdline = args.cmdline;
+    }
+    if args.serial.is_some() {
+        def.serial = args.serial;
+    }
+    if args.reboot {
+        def.reboot = Some(true);
+    }
+    if args.headless {
+        def.headless = Some(true);
+    }
+    if args.firmware.is_some() {
+        def.firmware = args.firmware;
+    }
+    if args.boot.is_some() {
+        def.boot = args.boot;
+    }
+    for (c, text) in args.storagectl {
+        def.add_storagectl(c, &text);
+    }
+    for (b, text) in args.bwgroup {
+        def.add_bwgroup(b, &text);
+    }
+    for (a, text) in args.attach {
+        def.add_attach(a, &text);
+    }
+    def.check()?;
+    Ok(def)
+}
+
+/// Controller models that have a device behind them.
+fn implemented(kind: ControllerType) -> bool {
+    matches!(kind, ControllerType::VirtioScsi)
+}
+
+/// The machine's controllers with their opened media, in the definition's order. The
+/// returned locks must outlive the VM.
+fn controllers(
+    def: &VmDef,
+    set: AttachmentSet,
+) -> Result<(Vec<ControllerConfig>, Vec<ImageLock>), String> {
+    let mut out: Vec<ControllerConfig> = def
+        .storagectl
+        .iter()
+        .map(|c| ControllerConfig {
+            name: c.name.get_ref().clone(),
+            kind: ControllerKind::VirtioScsi,
+            units: Vec::new(),
+        })
+        .collect();
+    let mut locks = Vec::new();
+    for (a, att) in def.attach.iter().zip(set.into_attachments()) {
+        let Some(i) = def
+            .storagectl
+            .iter()
+            .position(|c| c.name.get_ref() == a.ctl.get_ref())
+        else {
+            return Err(format!("no storage controller named '{}'", a.ctl.get_ref()));
+        };
+        let port = *a.port.get_ref();
+        // virtio-scsi ports are SCSI targets 0..=255.
+        let port = u8::try_from(port).map_err(|_| {
+            format!(
+                "port {port} of controller '{}' is out of range (0..=255)",
+                a.ctl.get_ref()
+            )
+        })?;
+        if out[i].units.iter().any(|u| u.port == port) {
+            return Err(format!(
+                "port {port} of controller '{}' has two attachments",
+                a.ctl.get_ref()
+            ));
+        }
+        let mtype = a.mtype();
+        let (disk, mut l) = att.split();
+        locks.append(&mut l);
+        let dvd = matches!(a.kind, DriveKind::Dvd);
+        out[i].units.push(UnitConfig {
+            port,
+            medium: Some(Arc::new(disk)),
+            path: a.medium.clone(),
+            dvd,
+            nonrotational: a.nonrotational.0,
+            discard: a.discard.0,
+            read_only: dvd || matches!(mtype, MediumType::Readonly),
+        });
+    }
+    Ok((out, locks))
+}
+
+/// Opens every attachment by its medium type's rules (locks, duplicate UUIDs, differencing
+/// children in the VM folder), then refuses controllers that do not exist yet.
+fn open_storage(def: &VmDef) -> Result<AttachmentSet, String> {
+    let vm_dir = def.folder().unwrap_or_else(|| PathBuf::from("."));
+    let mut set = AttachmentSet::new();
+    for a in &def.attach {
+        let mut place = Placement::new(&vm_dir, &[]);
+        if let Some(r) = a.autoreset {
+            place.autoreset = r.0;
+        }
+        set.attach(&a.medium, a.mtype(), &place)
+            .map_err(|e| e.to_string())?;
+    }
+    for a in &def.attach {
+        let Some(ctl) = def
+            .storagectl
+            .iter()
+            .find(|c| c.name.get_ref() == a.ctl.get_ref())
+        else {
+            continue;
+        };
+        let kind = *ctl.kind.get_ref();
+        if !implemented(kind) {
+            return Err(format!(
+                "storage controller type '{kind}' is not implemented yet, so {} cannot be attached to controller '{}'",
+                a.medium.display(),
+                a.ctl.get_ref()
+            ));
+        }
+    }
+    Ok(set)
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let Some(kernel) = args.kernel else {
+    let def = match definition(args) {
+        Ok(d) => d,
+        Err(e) => {
+            crate::report(&e);
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let (storage, _locks) = match open_storage(&def).and_then(|set| controllers(&def, set)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    if let Some(c) = def
+        .storagectl
+        .iter()
+        .find(|c| !implemented(*c.kind.get_ref()))
+    {
+        eprintln!(
+            "ferry: error: storage controller type '{}' is not implemented yet (available: virtio-scsi)",
+            c.kind.get_ref()
+        );
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let Some(kernel) = def.kernel else {
         eprintln!(
             "ferry: error: nothing to boot: pass --kernel FILE (booting from a disk through firmware is not available yet)"
         );
         return ExitCode::from(EXIT_ERROR);
     };
-    let _ = args.headless;
+    if matches!(def.firmware, Some(Firmware::Efi | Firmware::File(_))) {
+        tracing::warn!("--firmware is not used when a kernel is booted directly");
+    }
+    let serial = match def.serial.map(|s| s.0.parse::<SerialMode>()).transpose() {
+        Ok(s) => s.unwrap_or(SerialMode::Stdio),
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     let cfg = VmConfig {
-        memory: args.memory,
-        cpus: args.cpus,
+        memory: def.memory.map_or(512 << 20, |m| m.0),
+        cpus: def.cpus.unwrap_or(1),
         boot: LinuxBootSpec {
             kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
+            initrd: def.initrd,
+            cmdline: def.cmdline.unwrap_or_else(|| "console=ttyS0".into()),
         },
-        serial: args.serial,
-        storage: Vec::new(),
-        reboot: args.reboot,
+        serial,
+        reboot: def.reboot.unwrap_or(false),
+        storage,
     };
     match ferry_vmm::run(&cfg) {
         Ok(Outcome::PowerOff) => {

@@ -82,6 +82,11 @@ impl Disk {
         &self.layers
     }
 
+    /// The layers, top first, to stack under a new top.
+    pub fn into_layers(self) -> Vec<Box<dyn Layer>> {
+        self.layers
+    }
+
     pub fn size(&self) -> u64 {
         self.layers[0].virtual_size()
     }

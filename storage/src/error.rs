@@ -41,6 +41,29 @@ pub enum StorageError {
     ReadOnly { path: PathBuf },
     #[error("{0}")]
     Invalid(String),
+    /// Another VM or program holds a conflicting host file lock on the image.
+    #[error("{path} is in use by {} (it holds the image's \"{what}\" lock); stop that first, or attach the medium as shareable or readonly where that is safe", holder_words(.holder))]
+    Locked {
+        path: PathBuf,
+        what: &'static str,
+        /// "process 1234 (qemu-img)", or empty where it cannot be known.
+        holder: String,
+    },
+    /// Two attached images carry one identity: usually a `cp` of an image.
+    #[error("{first} and {second} have the same UUID {uuid}, so one is probably a copy of the other; give the copy its own UUID with `ferry medium set-uuid {}`, or make copies with `ferry medium clone`", .second.display())]
+    DuplicateUuid {
+        first: PathBuf,
+        second: PathBuf,
+        uuid: Uuid,
+    },
+}
+
+fn holder_words(holder: &str) -> &str {
+    if holder.is_empty() {
+        "another VM or program"
+    } else {
+        holder
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;

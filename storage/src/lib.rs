@@ -8,6 +8,8 @@ pub mod error;
 pub mod host_file;
 pub mod iso;
 pub mod layer;
+pub mod lock;
+pub mod medium;
 pub mod parallels;
 pub mod probe;
 pub mod raw;
@@ -22,5 +24,6 @@ pub use layer::{
     Allocation, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer, LowerLayers,
     NoLowerLayers, ParentRef, Variant,
 };
+pub use medium::{open_attachment, Attachment, AttachmentSet, MediumType, Placement};
 pub use probe::{create_image, open_image, FORMATS};
 pub use uuid::Uuid;

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod image;
+pub mod pvm;
 
 use std::path::Path;
 use std::sync::Arc;
