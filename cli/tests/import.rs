@@ -276,8 +276,11 @@ fn efi_ubuntu_on_sata_and_nvme() {
     std::fs::create_dir_all(&pvm).unwrap();
     hdd_bundle(&pvm.join("Ubuntu-0.hdd"), 1);
     hdd_bundle(&pvm.join("Ubuntu-1.hdd"), 2);
+    prl_image(&pvm.join("scsi.hdd"), 3);
     std::fs::write(pvm.join("ubuntu.iso"), vec![0u8; 64 * 1024]).unwrap();
-    let hdds = hdd(0, "Ubuntu-0.hdd", 2, 0) + &hdd(1, "Ubuntu-1.hdd", 3, 0);
+    // SATA, NVMe, and SCSI (SubType 0: BusLogic) at position 3.
+    let hdds =
+        hdd(0, "Ubuntu-0.hdd", 2, 0) + &hdd(1, "Ubuntu-1.hdd", 3, 0) + &hdd(2, "scsi.hdd", 1, 3);
     std::fs::write(
         pvm.join("config.pvs"),
         config_pvs(&hdds, &cdrom("ubuntu.iso", 2, 1), true, (9, 0x090A)),
@@ -298,11 +301,13 @@ fn efi_ubuntu_on_sata_and_nvme() {
         .iter()
         .map(|d| d["type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["ahci", "nvme", "ahci"]);
-    assert_eq!(r["drives"][2]["port"], 1);
+    assert_eq!(types, ["ahci", "nvme", "buslogic", "ahci"]);
+    assert_eq!(r["drives"][2]["port"], 3);
+    assert_eq!(r["drives"][3]["port"], 1);
     let def: toml::Table =
         toml::from_str(&std::fs::read_to_string(root.join("Ubuntu.toml")).unwrap()).unwrap();
-    assert_eq!(def["attach"][2]["type"].as_str(), Some("dvd"));
+    assert_eq!(def["attach"][3]["type"].as_str(), Some("dvd"));
+    assert_eq!(def["storagectl"].as_array().unwrap().len(), 3);
     assert_eq!(def["firmware"].as_str(), Some("efi"));
 }
 

@@ -235,8 +235,30 @@ fn qemu_refuses_an_image_ferry_writes() {
     drop(a);
     assert!(info(false).status.success());
     // A read-only attachment lets qemu-img look.
-    let _r = open_attachment(&img, MediumType::Readonly, &d, &[]).unwrap();
+    let r = open_attachment(&img, MediumType::Readonly, &d, &[]).unwrap();
     let out = info(false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...but not write under a VM that reads it.
+    let write = || {
+        Command::new("qemu-io")
+            .args(["-f", "vdi", "-c", "write -P 0x55 0 512"])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let out = write();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("lock"),
+        "qemu-io wrote an image ferry reads: {text}"
+    );
+    drop(r);
+    let out = write();
     assert!(
         out.status.success(),
         "{}",
