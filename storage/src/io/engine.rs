@@ -143,6 +143,9 @@ pub struct IoEngine {
     eventfd: EventFd,
     waiting: VecDeque<Pending>,
     done: Vec<Completion>,
+    /// Scratch space for reaping, kept to spare an allocation per wake.
+    ring_done: Vec<(usize, i32)>,
+    pool_done: Vec<Finished>,
     /// Written since the last flush: a flush with nothing to sync completes at once.
     dirty: bool,
     discard: bool,
@@ -245,6 +248,8 @@ impl IoEngine {
             eventfd,
             waiting: VecDeque::new(),
             done: Vec::new(),
+            ring_done: Vec::new(),
+            pool_done: Vec::new(),
             dirty: true,
             discard: opts.discard,
             writable,
@@ -293,12 +298,12 @@ impl IoEngine {
 
     /// Finished requests, in the order they finished. Also clears the eventfd and lets
     /// requests that were waiting go on.
-    pub fn completions(&mut self) -> std::vec::IntoIter<Completion> {
+    pub fn completions(&mut self) -> std::vec::Drain<'_, Completion> {
         // Clear first: a completion signalled after this is picked up now or on the next wake.
         let _ = self.eventfd.read();
         self.reap();
         self.resume();
-        std::mem::take(&mut self.done).into_iter()
+        self.done.drain(..)
     }
 
     /// Blocks until the eventfd fires or `timeout` passes (benchmarks and tests; a VM's
@@ -516,11 +521,11 @@ impl IoEngine {
     }
 
     fn reap(&mut self) {
-        let mut ring_done = Vec::new();
+        let mut ring_done = std::mem::take(&mut self.ring_done);
         if let Some(u) = &mut self.uring {
             u.reap(&mut ring_done);
         }
-        for (id, res) in ring_done {
+        for (id, res) in ring_done.drain(..) {
             let result = if res < 0 {
                 Err(IoError::Host(io::Error::from_raw_os_error(-res)))
             } else {
@@ -528,11 +533,13 @@ impl IoEngine {
             };
             self.finish(id, None, result);
         }
-        let mut pool_done: Vec<Finished> = Vec::new();
+        self.ring_done = ring_done;
+        let mut pool_done = std::mem::take(&mut self.pool_done);
         self.pool.reap(&mut pool_done);
-        for (id, work, result) in pool_done {
+        for (id, work, result) in pool_done.drain(..) {
             self.finish(id, Some(work), result);
         }
+        self.pool_done = pool_done;
     }
 
     fn resume(&mut self) {
