@@ -297,6 +297,60 @@ fn dynamic_images_go_through_the_image_layer() {
     assert_eq!(&buf[kept..], &data[kept..]);
 }
 
+#[test]
+fn discard_never_shows_older_data() {
+    use crate::layer::CreateParent;
+    let mem = memory();
+    let opts = |parent| CreateOptions {
+        size: 4 * MIB,
+        variant: Variant::Dynamic,
+        parent,
+    };
+    // A VMDK (its layer cannot free) and a VDI child over a base holding data.
+    let vmdk = scratch("discard.vmdk");
+    drop(create_image(&vmdk, FormatKind::Vmdk, &opts(None)).unwrap());
+    let base = scratch("discard-base.vdi");
+    let child = scratch("discard-child.vdi");
+    let b = create_image(&base, FormatKind::Vdi, &opts(None)).unwrap();
+    b.write_at(
+        &pattern(4 * MIB as usize, 5),
+        0,
+        &crate::layer::NoLowerLayers,
+    )
+    .unwrap();
+    b.flush().unwrap();
+    let parent = CreateParent {
+        path: base.clone(),
+        uuid: b.uuid(),
+        modification_uuid: b.modification_uuid(),
+        format: FormatKind::Vdi,
+    };
+    drop(b);
+    drop(create_image(&child, FormatKind::Vdi, &opts(Some(parent))).unwrap());
+    for path in [vmdk, child] {
+        let disk = Arc::new(Disk::open(&path, true, &[]).unwrap());
+        let mut e = engine(disk.clone(), &mem, true, EngineChoice::Auto);
+        mem.write_slice(&pattern(MIB as usize, 6), GuestAddress(0))
+            .unwrap();
+        run(
+            &mut e,
+            Request::write(MIB, vec![(GuestAddress(0), MIB as usize)], 1),
+        )
+        .unwrap();
+        // Partly inside the written range, partly over the parent's data.
+        run(&mut e, Request::discard(MIB + 4096, 2 * MIB, 2)).unwrap();
+        let mut buf = vec![1u8; 4 * MIB as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        let (s, t) = ((MIB + 4096) as usize, (3 * MIB + 4096) as usize);
+        assert!(
+            buf[s..t].iter().all(|&b| b == 0),
+            "{}: older data after discard",
+            path.display()
+        );
+        assert_eq!(&buf[MIB as usize..s], &pattern(MIB as usize, 6)[..4096]);
+    }
+}
+
 /// A layer whose writes fail as a full host disk does.
 struct FullLayer(PathBuf);
 

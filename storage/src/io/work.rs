@@ -105,8 +105,55 @@ impl Work {
             }
             Self::DiskFlush { disk } => image(disk.flush()).map(|_| 0),
             Self::DiskDiscard { disk, offset, len } => {
-                image(disk.discard(*offset, *len)).map(|_| *len)
+                discard_image(disk, *offset, *len).map(|_| *len)
             }
         }
+    }
+}
+
+/// Frees what the format can and zeroes the rest, so a discarded range never shows older
+/// data: partial blocks, formats that cannot free (VMDK, Parallels) and, in a differencing
+/// chain, ranges whose freeing would bring the parent's older data back.
+fn discard_image(disk: &Disk, offset: u64, len: u64) -> Result<(), IoError> {
+    const ZERO_CHUNK: u64 = 1 << 20;
+    if disk.layers().len() == 1 {
+        disk.discard(offset, len).map_err(IoError::Image)?;
+    }
+    let end = offset + len;
+    let mut zeros = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let (data, run) = reads_data(disk, 0, pos, end - pos)?;
+        let run = run.clamp(1, end - pos);
+        if data {
+            let mut at = pos;
+            while at < pos + run {
+                let n = ZERO_CHUNK.min(pos + run - at);
+                zeros.resize(n as usize, 0u8);
+                disk.write_at(&zeros, at).map_err(IoError::Image)?;
+                at += n;
+            }
+        }
+        pos += run;
+    }
+    Ok(())
+}
+
+/// Whether the run at `offset` reads as stored data (not zeros) through the chain from
+/// `level` down, and how long the run is.
+fn reads_data(disk: &Disk, level: usize, offset: u64, len: u64) -> Result<(bool, u64), IoError> {
+    let Some(layer) = disk.layers().get(level) else {
+        return Ok((false, len));
+    };
+    let avail = layer.virtual_size().saturating_sub(offset).min(len);
+    if avail == 0 {
+        return Ok((false, len));
+    }
+    let (state, run) = layer.block_status(offset, avail).map_err(IoError::Image)?;
+    let run = run.clamp(1, avail);
+    match state {
+        crate::layer::Allocation::Data => Ok((true, run)),
+        crate::layer::Allocation::Zero => Ok((false, run)),
+        crate::layer::Allocation::Unallocated => reads_data(disk, level + 1, offset, run),
     }
 }
