@@ -148,6 +148,8 @@ pub struct IoEngine {
     pool_done: Vec<Finished>,
     /// Written since the last flush: a flush with nothing to sync completes at once.
     dirty: bool,
+    writes_in_flight: usize,
+    flushes_in_flight: usize,
     discard: bool,
     writable: bool,
     group: Option<Arc<BandwidthGroup>>,
@@ -251,6 +253,8 @@ impl IoEngine {
             ring_done: Vec::new(),
             pool_done: Vec::new(),
             dirty: true,
+            writes_in_flight: 0,
+            flushes_in_flight: 0,
             discard: opts.discard,
             writable,
             group: opts.bwgroup,
@@ -397,13 +401,23 @@ impl IoEngine {
             }
         }
         let Pending { req, iov } = p;
-        if req.op == IoOp::Flush && !self.dirty {
-            self.complete_now(req.user_data, Ok(0));
-            return Ok(());
-        }
         match req.op {
-            IoOp::Write | IoOp::Discard => self.dirty = true,
-            IoOp::Flush => self.dirty = false,
+            // Nothing written since a flush that has finished: nothing to sync.
+            IoOp::Flush
+                if !self.dirty && self.writes_in_flight == 0 && self.flushes_in_flight == 0 =>
+            {
+                self.complete_now(req.user_data, Ok(0));
+                return Ok(());
+            }
+            IoOp::Flush => {
+                // Writes still in flight are not covered by this sync: the next flush syncs.
+                self.dirty = self.writes_in_flight > 0;
+                self.flushes_in_flight += 1;
+            }
+            IoOp::Write | IoOp::Discard => {
+                self.dirty = true;
+                self.writes_in_flight += 1;
+            }
             IoOp::Read => {}
         }
         let mut slot = Slot {
@@ -558,6 +572,11 @@ impl IoEngine {
             return;
         };
         self.free.push(id);
+        match slot.op {
+            IoOp::Write | IoOp::Discard => self.writes_in_flight -= 1,
+            IoOp::Flush => self.flushes_in_flight -= 1,
+            IoOp::Read => {}
+        }
         let work = work.or(slot.work.take());
         let result = result.and_then(|n| match slot.op {
             IoOp::Read | IoOp::Write if n != slot.len => Err(IoError::Host(io::Error::new(

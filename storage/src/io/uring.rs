@@ -67,7 +67,12 @@ impl Uring {
         unsafe { self.ring.submission().push(&entry) }
             .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
         self.in_flight += 1;
-        self.submit()
+        // Once queued the entry belongs to the ring: if the kernel refuses the submit call
+        // now, it goes with the next one (every reap retries), and completes from there.
+        if let Err(e) = self.submit() {
+            tracing::error!("I/O engine: io_uring submit failed: {e}");
+        }
+        Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {
