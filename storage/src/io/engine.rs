@@ -1,0 +1,796 @@
+//! The I/O engine of one attached disk: devices submit requests from the event loop thread,
+//! the host performs them (io_uring, or a thread pool), and finished requests are collected
+//! on the same thread after the engine's eventfd fires.
+//!
+//! Raw images are the fast path: reads and writes go straight between the image file and
+//! guest memory (no copy), through io_uring where the kernel has it. Dynamic formats and
+//! chains need their block maps and copy-on-write, so their requests run on pool threads
+//! through [`Disk`], with one copy between guest memory and a host buffer.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::bwgroup::BandwidthGroup;
+use super::iovec::{AlignedBuf, Iovecs};
+use super::request::{Completion, IoError, IoOp, Request, SECTOR};
+use super::thread_pool::{Finished, ThreadPool};
+use super::uring::Uring;
+use super::work::Work;
+use crate::layer::FormatKind;
+use crate::Disk;
+
+/// The largest read or write one request may move (the controllers' own limits are lower);
+/// it bounds the host buffers a guest can make the engine allocate.
+pub const MAX_TRANSFER: u64 = 64 << 20;
+
+/// How often a request held back by its bandwidth group looks again: a changed limit
+/// applies within this.
+const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Which engine performs the host I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    IoUring,
+    ThreadPool,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IoUring => "io_uring",
+            Self::ThreadPool => "thread pool",
+        }
+    }
+}
+
+/// What the engine is asked to use: `Auto` takes io_uring where the kernel offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    #[default]
+    Auto,
+    IoUring,
+    ThreadPool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The controller's `hostiocache`: on = the host page cache, off = O_DIRECT.
+    pub host_cache: bool,
+    /// The attachment's `discard=on`.
+    pub discard: bool,
+    pub bwgroup: Option<Arc<BandwidthGroup>>,
+    /// Requests in flight on the host at once; more wait in the engine.
+    pub queue_depth: u32,
+    /// Pool threads (image-layer requests, or everything without io_uring).
+    pub threads: usize,
+    pub engine: EngineChoice,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            host_cache: true,
+            discard: false,
+            bwgroup: None,
+            queue_depth: 128,
+            threads: 8,
+            engine: EngineChoice::Auto,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: cannot open the image for I/O: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot create the I/O engine's eventfd: {0}")]
+    EventFd(io::Error),
+    #[error("cannot start the I/O engine's threads: {0}")]
+    Threads(io::Error),
+    #[error("io_uring was asked for but the host kernel does not offer it: {0}")]
+    Uring(io::Error),
+}
+
+/// A raw image's file, opened by the engine itself for the fast path.
+struct RawFiles {
+    buffered: File,
+    /// O_DIRECT (host cache off), where the file system supports it.
+    direct: Option<File>,
+    /// O_DIRECT's alignment of memory, and of file offsets and lengths.
+    mem_align: usize,
+    off_align: u64,
+}
+
+/// A request that passed validation, waiting for the host (bandwidth group, full queue).
+struct Pending {
+    req: Request,
+    iov: Option<Iovecs>,
+}
+
+/// A request on the host.
+struct Slot {
+    user_data: u64,
+    op: IoOp,
+    offset: u64,
+    len: u64,
+    /// Kept here while io_uring may use its buffers (pool work travels with the job).
+    work: Option<Work>,
+    /// O_DIRECT bounce buffer; for a read, copied to `copy_to` at completion.
+    bounce: Option<AlignedBuf>,
+    copy_to: Vec<(GuestAddress, usize)>,
+}
+
+pub struct IoEngine {
+    // Field order is drop order: the ring and the pool stop before buffers and files go.
+    uring: Option<Uring>,
+    pool: ThreadPool,
+    timer: Option<Timer>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    raw: Option<RawFiles>,
+    disk: Arc<Disk>,
+    mem: GuestMemoryMmap,
+    eventfd: EventFd,
+    waiting: VecDeque<Pending>,
+    done: Vec<Completion>,
+    /// Scratch space for reaping, kept to spare an allocation per wake.
+    ring_done: Vec<(usize, i32)>,
+    pool_done: Vec<Finished>,
+    /// Written since the last flush: a flush with nothing to sync completes at once.
+    dirty: bool,
+    writes_in_flight: usize,
+    flushes_in_flight: usize,
+    discard: bool,
+    writable: bool,
+    group: Option<Arc<BandwidthGroup>>,
+    max_in_flight: usize,
+    kind: EngineKind,
+    path: PathBuf,
+}
+
+impl IoEngine {
+    /// An engine for `disk`, moving data to and from `mem`. Logs which engine it chose.
+    pub fn new(
+        disk: Arc<Disk>,
+        mem: GuestMemoryMmap,
+        opts: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let top = &disk.layers()[0];
+        let path = top.path().to_path_buf();
+        let writable = top.writable();
+        let is_raw =
+            disk.layers().len() == 1 && matches!(top.format(), FormatKind::Raw | FormatKind::Iso);
+        let raw = if is_raw {
+            Some(open_raw(&path, writable, opts.host_cache)?)
+        } else {
+            None
+        };
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        let depth = opts.queue_depth.clamp(1, 4096);
+        let uring = match (opts.engine, &raw) {
+            (EngineChoice::ThreadPool, _) | (EngineChoice::Auto, None) => None,
+            (EngineChoice::IoUring, _) => {
+                Some(Uring::new(depth, &eventfd).map_err(EngineError::Uring)?)
+            }
+            (EngineChoice::Auto, Some(_)) => match Uring::new(depth, &eventfd) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    tracing::info!(
+                        "io_uring is not available on this host ({e}); using a thread pool"
+                    );
+                    None
+                }
+            },
+        };
+        // A ring on an image-layer disk would carry nothing: those requests need threads.
+        let uring = if raw.is_some() { uring } else { None };
+        let pool_eventfd = eventfd.try_clone().map_err(EngineError::EventFd)?;
+        let pool = ThreadPool::new(opts.threads, pool_eventfd).map_err(EngineError::Threads)?;
+        let timer = match &opts.bwgroup {
+            Some(_) => Some(
+                Timer::new(eventfd.try_clone().map_err(EngineError::EventFd)?)
+                    .map_err(EngineError::Threads)?,
+            ),
+            None => None,
+        };
+        let kind = if uring.is_some() {
+            EngineKind::IoUring
+        } else {
+            EngineKind::ThreadPool
+        };
+        let cache = match (&raw, opts.host_cache) {
+            (_, true) => "on (host page cache)".to_string(),
+            (Some(RawFiles { direct: Some(_), mem_align, off_align, .. }), false) => {
+                format!("off (O_DIRECT, memory aligned to {mem_align}, offsets to {off_align})")
+            }
+            (Some(_), false) => "off requested, but the file system has no O_DIRECT: host page cache".into(),
+            (None, false) => format!(
+                "off requested; {} images go through the host page cache (only raw images bypass it)",
+                top.format().name()
+            ),
+        };
+        let route = if raw.is_some() {
+            "raw fast path".to_string()
+        } else {
+            format!(
+                "{} image layer, {} threads",
+                top.format().name(),
+                opts.threads.max(1)
+            )
+        };
+        tracing::info!(
+            "{}: I/O engine {} ({route}), queue depth {depth}, host cache {cache}{}{}",
+            path.display(),
+            kind.name(),
+            if opts.discard { ", discard on" } else { "" },
+            opts.bwgroup
+                .as_ref()
+                .map(|g| format!(", bandwidth group {}", g.name()))
+                .unwrap_or_default(),
+        );
+        Ok(Self {
+            uring,
+            pool,
+            timer,
+            slots: Vec::new(),
+            free: Vec::new(),
+            raw,
+            disk,
+            mem,
+            eventfd,
+            waiting: VecDeque::new(),
+            done: Vec::new(),
+            ring_done: Vec::new(),
+            pool_done: Vec::new(),
+            dirty: true,
+            writes_in_flight: 0,
+            flushes_in_flight: 0,
+            discard: opts.discard,
+            writable,
+            group: opts.bwgroup,
+            max_in_flight: depth as usize,
+            kind,
+            path,
+        })
+    }
+
+    pub fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// Fires when completions may be ready: the event loop registers it and calls
+    /// [`completions`](Self::completions) when it does.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Requests submitted and not yet returned by `completions`.
+    pub fn outstanding(&self) -> usize {
+        self.slots.len() - self.free.len() + self.waiting.len() + self.done.len()
+    }
+
+    /// Takes a request. A bad one (past the end of the disk, empty, not whole sectors, a
+    /// scatter-gather entry outside guest memory, a write to a read-only disk) is refused
+    /// here and never performed; anything else completes later, through `completions`.
+    pub fn submit(&mut self, req: Request) -> Result<(), IoError> {
+        let iov = self.validate(&req)?;
+        let p = Pending { req, iov };
+        if self.waiting.is_empty() {
+            if let Err(p) = self.dispatch(p) {
+                self.waiting.push_back(p);
+            }
+        } else {
+            // Requests keep their order: a flush never overtakes writes held back before it.
+            self.waiting.push_back(p);
+        }
+        Ok(())
+    }
+
+    /// Finished requests, in the order they finished. Also clears the eventfd and lets
+    /// requests that were waiting go on.
+    pub fn completions(&mut self) -> std::vec::Drain<'_, Completion> {
+        // Clear first: a completion signalled after this is picked up now or on the next wake.
+        let _ = self.eventfd.read();
+        self.reap();
+        self.resume();
+        self.done.drain(..)
+    }
+
+    /// Blocks until the eventfd fires or `timeout` passes (benchmarks and tests; a VM's
+    /// event loop waits in epoll instead).
+    #[allow(unsafe_code)]
+    pub fn wait(&self, timeout: Duration) {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let fd = self.eventfd.as_raw_fd();
+        // SAFETY: the eventfd lives as long as `self`, which outlives this call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let mut fds = [PollFd::new(&borrowed, PollFlags::IN)];
+        let ts = rustix::event::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let _ = poll(&mut fds, Some(&ts));
+    }
+
+    fn validate(&self, r: &Request) -> Result<Option<Iovecs>, IoError> {
+        if r.op == IoOp::Flush {
+            return Ok(None);
+        }
+        if matches!(r.op, IoOp::Write | IoOp::Discard) && !self.writable {
+            return Err(IoError::ReadOnly);
+        }
+        if r.op == IoOp::Discard && !self.discard {
+            return Err(IoError::DiscardDisabled);
+        }
+        if r.len == 0 {
+            return Err(IoError::ZeroLength { op: r.op });
+        }
+        if !r.offset.is_multiple_of(SECTOR) || !r.len.is_multiple_of(SECTOR) {
+            return Err(IoError::Misaligned {
+                op: r.op,
+                offset: r.offset,
+                len: r.len,
+            });
+        }
+        let size = self.disk.size();
+        if r.offset.checked_add(r.len).is_none_or(|end| end > size) {
+            return Err(IoError::OutOfRange {
+                offset: r.offset,
+                len: r.len,
+                size,
+            });
+        }
+        if r.op == IoOp::Discard {
+            return Ok(None);
+        }
+        let sg_len =
+            r.sg.iter()
+                .fold(0u64, |a, &(_, l)| a.saturating_add(l as u64));
+        if sg_len != r.len {
+            return Err(IoError::LengthMismatch { len: r.len, sg_len });
+        }
+        if r.len > MAX_TRANSFER {
+            return Err(IoError::OutOfRange {
+                offset: r.offset,
+                len: r.len,
+                size: MAX_TRANSFER,
+            });
+        }
+        Iovecs::from_guest(&self.mem, &r.sg).map(Some)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts `p` on the host, or gives it back when it must wait.
+    fn dispatch(&mut self, p: Pending) -> Result<(), Pending> {
+        let on_ring = self.uring.is_some();
+        let room = match &self.uring {
+            Some(u) => u.has_room(),
+            None => true,
+        };
+        if !room || self.in_flight() >= self.max_in_flight {
+            return Err(p);
+        }
+        if let (Some(g), IoOp::Read | IoOp::Write | IoOp::Discard) = (&self.group, p.req.op) {
+            let bytes = if p.req.op == IoOp::Discard {
+                0
+            } else {
+                p.req.len
+            };
+            if let Err(wait) = g.try_take(bytes) {
+                if let Some(t) = &self.timer {
+                    t.arm(wait.min(THROTTLE_RECHECK));
+                }
+                return Err(p);
+            }
+        }
+        let Pending { req, iov } = p;
+        match req.op {
+            // Nothing written since a flush that has finished: nothing to sync.
+            IoOp::Flush
+                if !self.dirty && self.writes_in_flight == 0 && self.flushes_in_flight == 0 =>
+            {
+                self.complete_now(req.user_data, Ok(0));
+                return Ok(());
+            }
+            IoOp::Flush => {
+                // Writes still in flight are not covered by this sync: the next flush syncs.
+                self.dirty = self.writes_in_flight > 0;
+                self.flushes_in_flight += 1;
+            }
+            IoOp::Write | IoOp::Discard => {
+                self.dirty = true;
+                self.writes_in_flight += 1;
+            }
+            IoOp::Read => {}
+        }
+        let mut slot = Slot {
+            user_data: req.user_data,
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+            work: None,
+            bounce: None,
+            copy_to: Vec::new(),
+        };
+        let work = match self.prepare(&req, iov, &mut slot) {
+            Ok(w) => w,
+            Err(e) => {
+                self.complete_now(req.user_data, Err(e));
+                return Ok(());
+            }
+        };
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        match (&mut self.uring, on_ring && work.is_file_op()) {
+            (Some(ring), true) => {
+                slot.work = Some(work);
+                let pushed = slot.work.as_ref().map(|w| ring.push(id, w));
+                self.slots[id] = Some(slot);
+                if let Some(Err(e)) = pushed {
+                    self.finish(id, None, Err(IoError::Host(e)));
+                }
+            }
+            _ => {
+                self.slots[id] = Some(slot);
+                self.pool.submit(id, work);
+            }
+        }
+        Ok(())
+    }
+
+    /// The host operation for a validated request.
+    fn prepare(
+        &self,
+        req: &Request,
+        iov: Option<Iovecs>,
+        slot: &mut Slot,
+    ) -> Result<Work, IoError> {
+        let (offset, len) = (req.offset, req.len);
+        let Some(raw) = &self.raw else {
+            let disk = self.disk.clone();
+            return Ok(match req.op {
+                IoOp::Read => {
+                    slot.copy_to = req.sg.clone();
+                    Work::DiskRead {
+                        disk,
+                        offset,
+                        buf: vec![0; len as usize],
+                    }
+                }
+                IoOp::Write => {
+                    let mut buf = vec![0; len as usize];
+                    gather(&self.mem, &req.sg, &mut buf)?;
+                    Work::DiskWrite { disk, offset, buf }
+                }
+                IoOp::Flush => Work::DiskFlush { disk },
+                IoOp::Discard => Work::DiskDiscard { disk, offset, len },
+            });
+        };
+        let buffered = raw.buffered.as_raw_fd();
+        match req.op {
+            IoOp::Flush => return Ok(Work::Sync { fd: buffered }),
+            IoOp::Discard => {
+                return Ok(Work::Punch {
+                    fd: buffered,
+                    offset,
+                    len,
+                })
+            }
+            IoOp::Read | IoOp::Write => {}
+        }
+        let iov = iov.ok_or(IoError::ZeroLength { op: req.op })?;
+        let direct = raw
+            .direct
+            .as_ref()
+            .filter(|_| offset.is_multiple_of(raw.off_align) && len.is_multiple_of(raw.off_align));
+        let (fd, iov) = match direct {
+            // Offsets O_DIRECT cannot take (a 512-byte sector on a 4K-sector host disk) go
+            // through the page cache; a flush syncs both, as they are one file.
+            None => (buffered, iov),
+            Some(f) if iov.aligned(raw.mem_align, raw.off_align as usize) => (f.as_raw_fd(), iov),
+            Some(f) => {
+                let mut bounce = AlignedBuf::new(len as usize, raw.mem_align);
+                if req.op == IoOp::Write {
+                    gather(&self.mem, &req.sg, bounce.as_mut_slice())?;
+                } else {
+                    slot.copy_to = req.sg.clone();
+                }
+                let iov = Iovecs::from_buf(&mut bounce);
+                slot.bounce = Some(bounce);
+                (f.as_raw_fd(), iov)
+            }
+        };
+        Ok(match req.op {
+            IoOp::Read => Work::Readv { fd, offset, iov },
+            _ => Work::Writev { fd, offset, iov },
+        })
+    }
+
+    fn complete_now(&mut self, user_data: u64, result: Result<u64, IoError>) {
+        self.done.push(Completion { user_data, result });
+        // The event loop collects it on its next wake.
+        let _ = self.eventfd.write(1);
+    }
+
+    fn reap(&mut self) {
+        let mut ring_done = std::mem::take(&mut self.ring_done);
+        if let Some(u) = &mut self.uring {
+            u.reap(&mut ring_done);
+        }
+        for (id, res) in ring_done.drain(..) {
+            let result = if res < 0 {
+                Err(IoError::Host(io::Error::from_raw_os_error(-res)))
+            } else {
+                Ok(res as u64)
+            };
+            self.finish(id, None, result);
+        }
+        self.ring_done = ring_done;
+        let mut pool_done = std::mem::take(&mut self.pool_done);
+        self.pool.reap(&mut pool_done);
+        for (id, work, result) in pool_done.drain(..) {
+            self.finish(id, Some(work), result);
+        }
+        self.pool_done = pool_done;
+    }
+
+    fn resume(&mut self) {
+        while let Some(p) = self.waiting.pop_front() {
+            if let Err(p) = self.dispatch(p) {
+                self.waiting.push_front(p);
+                break;
+            }
+        }
+    }
+
+    /// Ends the request in slot `id`: copies read data to the guest and queues its completion.
+    fn finish(&mut self, id: usize, work: Option<Work>, result: Result<u64, IoError>) {
+        let Some(mut slot) = self.slots.get_mut(id).and_then(Option::take) else {
+            tracing::error!("I/O engine: completion for unknown request {id}");
+            return;
+        };
+        self.free.push(id);
+        match slot.op {
+            IoOp::Write | IoOp::Discard => self.writes_in_flight -= 1,
+            IoOp::Flush => self.flushes_in_flight -= 1,
+            IoOp::Read => {}
+        }
+        let work = work.or(slot.work.take());
+        let result = result.and_then(|n| match slot.op {
+            IoOp::Read | IoOp::Write if n != slot.len => Err(IoError::Host(io::Error::new(
+                if slot.op == IoOp::Write {
+                    io::ErrorKind::StorageFull
+                } else {
+                    io::ErrorKind::UnexpectedEof
+                },
+                format!("short transfer: {n} of {} bytes", slot.len),
+            ))),
+            IoOp::Read if !slot.copy_to.is_empty() => {
+                let data = match (&slot.bounce, &work) {
+                    (Some(b), _) => b.as_slice(),
+                    (None, Some(Work::DiskRead { buf, .. })) => buf.as_slice(),
+                    _ => &[],
+                };
+                scatter(&self.mem, &slot.copy_to, data).map(|_| n)
+            }
+            IoOp::Discard => Ok(slot.len),
+            _ => Ok(n),
+        });
+        if let Err(e) = &result {
+            self.log_failure(&slot, e);
+        }
+        self.done.push(Completion {
+            user_data: slot.user_data,
+            result,
+        });
+    }
+
+    fn log_failure(&self, slot: &Slot, e: &IoError) {
+        let what = format!(
+            "{}: {:?} at {:#x}+{:#x} failed: {e}",
+            self.path.display(),
+            slot.op,
+            slot.offset,
+            slot.len
+        );
+        if e.is_no_space() {
+            tracing::error!(
+                "{what}. The host file system holding the image is full: free space on it \
+                 (the guest saw a write error; it may retry, or need its file system checked)"
+            );
+        } else {
+            tracing::error!("{what}; the guest sees an I/O error and the VM keeps running");
+        }
+    }
+}
+
+impl Drop for IoEngine {
+    fn drop(&mut self) {
+        if let Some(u) = &mut self.uring {
+            let mut sink = Vec::new();
+            if !u.drain(&mut sink) {
+                // The kernel may still use these buffers, guest memory and files: keep them.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(self.raw.take());
+                std::mem::forget(self.mem.clone());
+            }
+        }
+        // The pool (next field) finishes its queued jobs when it drops.
+    }
+}
+
+/// Copies the guest's scatter-gather list into `buf`.
+fn gather(
+    mem: &GuestMemoryMmap,
+    sg: &[(GuestAddress, usize)],
+    buf: &mut [u8],
+) -> Result<(), IoError> {
+    let mut pos = 0usize;
+    for &(addr, len) in sg {
+        let dst = buf
+            .get_mut(pos..pos + len)
+            .ok_or(IoError::BadGuestMemory { addr: addr.0, len })?;
+        mem.read_slice(dst, addr)
+            .map_err(|_| IoError::BadGuestMemory { addr: addr.0, len })?;
+        pos += len;
+    }
+    Ok(())
+}
+
+/// Copies `data` out to the guest's scatter-gather list.
+fn scatter(
+    mem: &GuestMemoryMmap,
+    sg: &[(GuestAddress, usize)],
+    data: &[u8],
+) -> Result<(), IoError> {
+    let mut pos = 0usize;
+    for &(addr, len) in sg {
+        let src = data
+            .get(pos..pos + len)
+            .ok_or(IoError::BadGuestMemory { addr: addr.0, len })?;
+        mem.write_slice(src, addr)
+            .map_err(|_| IoError::BadGuestMemory { addr: addr.0, len })?;
+        pos += len;
+    }
+    Ok(())
+}
+
+fn open_raw(path: &Path, writable: bool, host_cache: bool) -> Result<RawFiles, EngineError> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|source| EngineError::Open {
+                path: path.into(),
+                source,
+            })
+    };
+    let buffered = open(0)?;
+    let mut direct = None;
+    if !host_cache {
+        match open(libc::O_DIRECT) {
+            Ok(f) => direct = Some(f),
+            Err(EngineError::Open { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                tracing::warn!(
+                    "{}: the host file system does not support O_DIRECT; hostiocache=off uses the page cache",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Without STATX_DIOALIGN (Linux < 6.1) assume 4 KiB, which every block device accepts.
+    let (mut mem_align, mut off_align) = (4096usize, 4096u64);
+    if let Some(f) = &direct {
+        use rustix::fs::{statx, AtFlags, StatxFlags};
+        if let Ok(st) = statx(f.as_fd(), "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+            if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
+                && st.stx_dio_mem_align > 0
+                && st.stx_dio_offset_align > 0
+            {
+                mem_align = st.stx_dio_mem_align as usize;
+                off_align = u64::from(st.stx_dio_offset_align);
+            }
+        }
+    }
+    Ok(RawFiles {
+        buffered,
+        direct,
+        mem_align,
+        off_align,
+    })
+}
+
+/// Wakes the event loop when a request held back by its bandwidth group may go.
+struct Timer {
+    shared: Arc<(Mutex<TimerState>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct TimerState {
+    deadline: Option<Instant>,
+    stop: bool,
+}
+
+impl Timer {
+    fn new(eventfd: EventFd) -> io::Result<Self> {
+        let shared: Arc<(Mutex<TimerState>, Condvar)> = Arc::default();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-io-throttle".into())
+            .spawn(move || {
+                let (m, cv) = &*s;
+                let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+                while !st.stop {
+                    match st.deadline {
+                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                        Some(d) => {
+                            let now = Instant::now();
+                            if now >= d {
+                                st.deadline = None;
+                                let _ = eventfd.write(1);
+                            } else {
+                                st = cv
+                                    .wait_timeout(st, d - now)
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Signals the eventfd after `after` (or earlier, if already armed for earlier).
+    fn arm(&self, after: Duration) {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        let at = Instant::now() + after;
+        if st.deadline.is_none_or(|d| at < d) {
+            st.deadline = Some(at);
+            cv.notify_one();
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

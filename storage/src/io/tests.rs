@@ -1,0 +1,479 @@
+//! The engine against plain guest memory and real files: data written through it is read
+//! back and compared, bad requests are refused, host errors come back as errors, and
+//! bandwidth groups hold their rate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::error::StorageError;
+use crate::layer::{Allocation, FormatKind, Layer, LowerLayers, ParentRef, Variant};
+use crate::{create_image, CreateOptions, Disk};
+
+const MIB: u64 = 1 << 20;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-io-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// 16 MiB of guest memory in two regions, so scatter-gather entries can straddle them.
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(8 << 20), 8 << 20)])
+        .unwrap()
+}
+
+fn raw_disk(name: &str, size: u64) -> Arc<Disk> {
+    let p = scratch(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    Arc::new(Disk::open(&p, true, &[]).unwrap())
+}
+
+fn engine(disk: Arc<Disk>, mem: &GuestMemoryMmap, cache: bool, kind: EngineChoice) -> IoEngine {
+    let opts = EngineOptions {
+        host_cache: cache,
+        discard: true,
+        engine: kind,
+        queue_depth: 32,
+        threads: 4,
+        ..Default::default()
+    };
+    IoEngine::new(disk, mem.clone(), opts).unwrap()
+}
+
+/// Waits for every outstanding request and returns the completions.
+fn drain(e: &mut IoEngine) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while e.outstanding() > 0 {
+        assert!(Instant::now() < until, "requests never completed");
+        e.wait(Duration::from_millis(100));
+        out.extend(e.completions());
+    }
+    out
+}
+
+fn run(e: &mut IoEngine, r: Request) -> Result<u64, IoError> {
+    let tag = r.user_data;
+    e.submit(r)?;
+    let mut done = drain(e);
+    assert_eq!(done.len(), 1);
+    let c = done.remove(0);
+    assert_eq!(c.user_data, tag);
+    c.result
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn kinds() -> [EngineChoice; 2] {
+    [EngineChoice::Auto, EngineChoice::ThreadPool]
+}
+
+#[test]
+fn raw_roundtrip_in_both_engines_and_cache_modes() {
+    let mem = memory();
+    for kind in kinds() {
+        for cache in [true, false] {
+            let disk = raw_disk(&format!("rt-{kind:?}-{cache}.raw"), 4 * MIB);
+            let mut e = engine(disk.clone(), &mem, cache, kind);
+            // Three entries: aligned, one straddling the two memory regions, one unaligned
+            // in memory (O_DIRECT needs a bounce buffer for it).
+            let sg = vec![
+                (GuestAddress(0x10000), 4096),
+                (GuestAddress((8 << 20) - 2048), 8192),
+                (GuestAddress(0x20001), 512),
+            ];
+            let data = pattern(4096 + 8192 + 512, 7);
+            let mut pos = 0;
+            for &(a, l) in &sg {
+                mem.write_slice(&data[pos..pos + l], a).unwrap();
+                pos += l;
+            }
+            assert_eq!(
+                run(&mut e, Request::write(MIB + 512, sg, 1)).unwrap(),
+                data.len() as u64
+            );
+            assert!(run(&mut e, Request::flush(2)).is_ok());
+            // The file holds the bytes, in order.
+            let file = std::fs::read(disk.layers()[0].path()).unwrap();
+            assert_eq!(&file[(MIB + 512) as usize..][..data.len()], &data[..]);
+            // Read back elsewhere, aligned and not.
+            for (addr, tag) in [(0x40000u64, 3), (0x60003, 4)] {
+                let sg = vec![(GuestAddress(addr), data.len())];
+                assert_eq!(
+                    run(&mut e, Request::read(MIB + 512, sg, tag)).unwrap(),
+                    data.len() as u64
+                );
+                let mut back = vec![0u8; data.len()];
+                mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+                assert_eq!(back, data, "{kind:?} cache={cache} addr={addr:#x}");
+            }
+        }
+    }
+}
+
+#[test]
+fn many_requests_in_flight() {
+    let mem = memory();
+    for kind in kinds() {
+        let disk = raw_disk(&format!("qd-{kind:?}.raw"), 8 * MIB);
+        let mut e = engine(disk, &mem, false, kind);
+        // 64 writes of 4 KiB at once (more than the queue depth: the rest wait in the engine).
+        for i in 0..64u64 {
+            let buf = pattern(4096, i as u8);
+            mem.write_slice(&buf, GuestAddress(i * 4096)).unwrap();
+            let off = (i * 37 % 2048) * 4096;
+            e.submit(Request::write(off, vec![(GuestAddress(i * 4096), 4096)], i))
+                .unwrap();
+        }
+        let done = drain(&mut e);
+        assert_eq!(done.len(), 64);
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        for i in 0..64u64 {
+            let off = (i * 37 % 2048) * 4096;
+            let dst = 0x100000 + i * 4096;
+            e.submit(Request::read(off, vec![(GuestAddress(dst), 4096)], 100 + i))
+                .unwrap();
+        }
+        let done = drain(&mut e);
+        assert_eq!(done.len(), 64);
+        for i in 0..64u64 {
+            let mut back = vec![0u8; 4096];
+            mem.read_slice(&mut back, GuestAddress(0x100000 + i * 4096))
+                .unwrap();
+            assert_eq!(back, pattern(4096, i as u8), "{kind:?} request {i}");
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_and_never_performed() {
+    let mem = memory();
+    let disk = raw_disk("bad.raw", MIB);
+    let mut e = engine(disk.clone(), &mem, true, EngineChoice::Auto);
+    mem.write_slice(&[0xaa; 4096], GuestAddress(0)).unwrap();
+    let g = |a: u64, l: usize| vec![(GuestAddress(a), l)];
+    let cases = [
+        (Request::write(MIB - 512, g(0, 1024), 1), "past the end"),
+        (
+            Request::write(u64::MAX - 511, g(0, 512), 2),
+            "wrapping offset",
+        ),
+        (Request::write(0, vec![], 3), "zero length"),
+        (Request::discard(0, 0, 4), "zero-length discard"),
+        (Request::write(100, g(0, 512), 5), "misaligned offset"),
+        (Request::write(0, g(0, 100), 6), "misaligned length"),
+        (
+            Request::write(0, g(16 << 20, 512), 7),
+            "outside guest memory",
+        ),
+        (
+            Request::write(0, g((16 << 20) - 256, 512), 8),
+            "straddles the end of memory",
+        ),
+        (
+            Request::write(0, g(u64::MAX - 255, 512), 9),
+            "wrapping guest address",
+        ),
+        (Request::discard(MIB, 512, 10), "discard past the end"),
+    ];
+    for (r, what) in cases {
+        assert!(e.submit(r).is_err(), "{what} was accepted");
+    }
+    let mut r = Request::write(0, g(0, 512), 11);
+    r.len = 1024;
+    assert!(matches!(e.submit(r), Err(IoError::LengthMismatch { .. })));
+    assert_eq!(e.outstanding(), 0);
+    assert!(std::fs::read(disk.layers()[0].path())
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+
+    // Read-only disks and attachments without discard=on.
+    let ro = Arc::new(Disk::open(disk.layers()[0].path(), false, &[]).unwrap());
+    let mut e = IoEngine::new(ro, mem.clone(), EngineOptions::default()).unwrap();
+    assert!(matches!(
+        e.submit(Request::write(0, g(0, 512), 1)),
+        Err(IoError::ReadOnly)
+    ));
+    let mut e = IoEngine::new(disk, mem.clone(), EngineOptions::default()).unwrap();
+    assert!(matches!(
+        e.submit(Request::discard(0, 512, 1)),
+        Err(IoError::DiscardDisabled)
+    ));
+    assert!(run(&mut e, Request::read(0, g(0, 512), 2)).is_ok());
+}
+
+#[test]
+fn discard_punches_raw_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let mem = memory();
+    for kind in kinds() {
+        let disk = raw_disk(&format!("discard-{kind:?}.raw"), 4 * MIB);
+        let path = disk.layers()[0].path().to_path_buf();
+        let mut e = engine(disk, &mem, true, kind);
+        mem.write_slice(&pattern(MIB as usize, 3), GuestAddress(0))
+            .unwrap();
+        run(
+            &mut e,
+            Request::write(MIB, vec![(GuestAddress(0), MIB as usize)], 1),
+        )
+        .unwrap();
+        run(&mut e, Request::flush(2)).unwrap();
+        let before = std::fs::metadata(&path).unwrap().blocks();
+        assert_eq!(run(&mut e, Request::discard(MIB, MIB, 3)).unwrap(), MIB);
+        let after = std::fs::metadata(&path).unwrap().blocks();
+        assert!(
+            after + 1024 < before,
+            "{kind:?}: {before} -> {after} blocks"
+        );
+        run(
+            &mut e,
+            Request::read(MIB, vec![(GuestAddress(0), MIB as usize)], 4),
+        )
+        .unwrap();
+        let mut back = vec![1u8; MIB as usize];
+        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "{kind:?}: stale data after discard"
+        );
+    }
+}
+
+#[test]
+fn dynamic_images_go_through_the_image_layer() {
+    let mem = memory();
+    let path = scratch("dyn.vdi");
+    let opts = CreateOptions {
+        size: 8 * MIB,
+        variant: Variant::Dynamic,
+        parent: None,
+    };
+    drop(create_image(&path, FormatKind::Vdi, &opts).unwrap());
+    let disk = Arc::new(Disk::open(&path, true, &[]).unwrap());
+    let mut e = engine(disk, &mem, false, EngineChoice::Auto);
+    assert_eq!(e.kind(), EngineKind::ThreadPool);
+    let data = pattern(3 * MIB as usize, 9);
+    mem.write_slice(&data, GuestAddress(0x1001)).unwrap();
+    // Crosses blocks (VDI blocks are 1 MiB) from an unaligned guest buffer.
+    run(
+        &mut e,
+        Request::write(MIB / 2, vec![(GuestAddress(0x1001), data.len())], 1),
+    )
+    .unwrap();
+    run(&mut e, Request::flush(2)).unwrap();
+    run(
+        &mut e,
+        Request::read(MIB / 2, vec![(GuestAddress(8 << 20), data.len())], 3),
+    )
+    .unwrap();
+    let mut back = vec![0u8; data.len()];
+    mem.read_slice(&mut back, GuestAddress(8 << 20)).unwrap();
+    assert_eq!(back, data);
+    // A discard of a whole block frees it: it reads as zeros, in this engine and after reopening.
+    run(&mut e, Request::discard(2 * MIB, MIB, 4)).unwrap();
+    run(&mut e, Request::flush(5)).unwrap();
+    drop(e);
+    let disk = Disk::open(&path, false, &[]).unwrap();
+    let mut buf = vec![1u8; 3 * MIB as usize];
+    disk.read_at(&mut buf, MIB / 2).unwrap();
+    let (freed, kept) = (MIB as usize * 3 / 2, MIB as usize * 5 / 2);
+    assert_eq!(&buf[..freed], &data[..freed]);
+    assert!(
+        buf[freed..kept].iter().all(|&b| b == 0),
+        "stale data after discard"
+    );
+    assert_eq!(&buf[kept..], &data[kept..]);
+}
+
+#[test]
+fn discard_never_shows_older_data() {
+    use crate::layer::CreateParent;
+    let mem = memory();
+    let opts = |parent| CreateOptions {
+        size: 4 * MIB,
+        variant: Variant::Dynamic,
+        parent,
+    };
+    // A VMDK (its layer cannot free) and a VDI child over a base holding data.
+    let vmdk = scratch("discard.vmdk");
+    drop(create_image(&vmdk, FormatKind::Vmdk, &opts(None)).unwrap());
+    let base = scratch("discard-base.vdi");
+    let child = scratch("discard-child.vdi");
+    let b = create_image(&base, FormatKind::Vdi, &opts(None)).unwrap();
+    b.write_at(
+        &pattern(4 * MIB as usize, 5),
+        0,
+        &crate::layer::NoLowerLayers,
+    )
+    .unwrap();
+    b.flush().unwrap();
+    let parent = CreateParent {
+        path: base.clone(),
+        uuid: b.uuid(),
+        modification_uuid: b.modification_uuid(),
+        format: FormatKind::Vdi,
+    };
+    drop(b);
+    drop(create_image(&child, FormatKind::Vdi, &opts(Some(parent))).unwrap());
+    for path in [vmdk, child] {
+        let disk = Arc::new(Disk::open(&path, true, &[]).unwrap());
+        let mut e = engine(disk.clone(), &mem, true, EngineChoice::Auto);
+        mem.write_slice(&pattern(MIB as usize, 6), GuestAddress(0))
+            .unwrap();
+        run(
+            &mut e,
+            Request::write(MIB, vec![(GuestAddress(0), MIB as usize)], 1),
+        )
+        .unwrap();
+        // Partly inside the written range, partly over the parent's data.
+        run(&mut e, Request::discard(MIB + 4096, 2 * MIB, 2)).unwrap();
+        let mut buf = vec![1u8; 4 * MIB as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        let (s, t) = ((MIB + 4096) as usize, (3 * MIB + 4096) as usize);
+        assert!(
+            buf[s..t].iter().all(|&b| b == 0),
+            "{}: older data after discard",
+            path.display()
+        );
+        assert_eq!(&buf[MIB as usize..s], &pattern(MIB as usize, 6)[..4096]);
+    }
+}
+
+/// A layer whose writes fail as a full host disk does.
+struct FullLayer(PathBuf);
+
+impl Layer for FullLayer {
+    fn format(&self) -> FormatKind {
+        FormatKind::Vdi
+    }
+    fn variant(&self) -> Variant {
+        Variant::Dynamic
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        vec![]
+    }
+    fn virtual_size(&self) -> u64 {
+        MIB
+    }
+    fn uuid(&self) -> Option<crate::Uuid> {
+        None
+    }
+    fn parent(&self) -> Option<ParentRef> {
+        None
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn block_status(&self, _: u64, len: u64) -> crate::Result<(Allocation, u64)> {
+        Ok((Allocation::Zero, len))
+    }
+    fn read_at(&self, buf: &mut [u8], _: u64) -> crate::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64, _: &dyn LowerLayers) -> crate::Result<()> {
+        Err(StorageError::io(
+            &self.0,
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        ))
+    }
+    fn flush(&self) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn host_errors_reach_the_device_and_the_engine_goes_on() {
+    let mem = memory();
+    let disk = Arc::new(Disk::from_layers(vec![Box::new(FullLayer("full.vdi".into()))]).unwrap());
+    let mut e = engine(disk, &mem, true, EngineChoice::Auto);
+    let err = run(&mut e, Request::write(0, vec![(GuestAddress(0), 4096)], 1)).unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert!(run(&mut e, Request::read(0, vec![(GuestAddress(0), 4096)], 2)).is_ok());
+}
+
+#[test]
+fn flush_without_writes_completes_at_once() {
+    let mem = memory();
+    let disk = raw_disk("flush.raw", MIB);
+    let mut e = engine(disk, &mem, false, EngineChoice::Auto);
+    // The first flush syncs (the engine cannot know what was written before it opened).
+    run(&mut e, Request::flush(1)).unwrap();
+    e.submit(Request::flush(2)).unwrap();
+    let done: Vec<_> = e.completions().collect();
+    assert_eq!(done.len(), 1);
+    assert!(done[0].result.is_ok());
+}
+
+/// Streams 1 MiB reads from two disks in one group for `secs`; returns MiB/s together.
+fn stream(engines: &mut [IoEngine], secs: f64) -> f64 {
+    let start = Instant::now();
+    let mut moved = 0u64;
+    let mut next = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for (i, e) in engines.iter_mut().enumerate() {
+            while e.outstanding() < 4 {
+                let addr = GuestAddress((i as u64) << 22);
+                e.submit(Request::read(
+                    (next % 4) * MIB,
+                    vec![(addr, MIB as usize)],
+                    next,
+                ))
+                .unwrap();
+                next += 1;
+            }
+        }
+        engines[0].wait(Duration::from_millis(5));
+        for e in engines.iter_mut() {
+            moved += e
+                .completions()
+                .map(|c| c.result.expect("read failed"))
+                .sum::<u64>();
+        }
+    }
+    moved as f64 / start.elapsed().as_secs_f64() / MIB as f64
+}
+
+#[test]
+fn bandwidth_group_shared_by_two_disks() {
+    let mem = memory();
+    let group = Arc::new(BandwidthGroup::new(&"name=G,limit=20M".parse().unwrap()));
+    let mut engines: Vec<IoEngine> = (0..2)
+        .map(|i| {
+            let opts = EngineOptions {
+                bwgroup: Some(group.clone()),
+                ..Default::default()
+            };
+            IoEngine::new(raw_disk(&format!("bw{i}.raw"), 4 * MIB), mem.clone(), opts).unwrap()
+        })
+        .collect();
+    stream(&mut engines, 0.2); // past the initial burst
+    let r = stream(&mut engines, 1.0);
+    assert!(
+        (18.0..=22.0).contains(&r),
+        "two disks in a 20M group moved {r:.1} MiB/s"
+    );
+    group.set_limit(40 << 20);
+    // The new limit applies within 100 ms.
+    stream(&mut engines, 0.1);
+    let r = stream(&mut engines, 1.0);
+    assert!(
+        (36.0..=44.0).contains(&r),
+        "after raising the limit to 40M: {r:.1} MiB/s"
+    );
+}

@@ -1,0 +1,119 @@
+//! The fast engine on Linux: an io_uring per disk, submitted from the event loop thread, its
+//! completions signalled on the engine's eventfd (registered with the ring).
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::work::Work;
+
+pub(crate) struct Uring {
+    ring: IoUring,
+    in_flight: usize,
+    capacity: usize,
+}
+
+impl Uring {
+    /// A ring with room for `depth` requests, or why the kernel has none (old kernel, or
+    /// io_uring disabled by sysctl or seccomp).
+    pub(crate) fn new(depth: u32, eventfd: &EventFd) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            // Twice the submission queue: completions never overflow.
+            .setup_cqsize(depth * 2)
+            .build(depth)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let capacity = ring.params().sq_entries() as usize;
+        Ok(Self {
+            ring,
+            in_flight: 0,
+            capacity,
+        })
+    }
+
+    pub(crate) fn has_room(&self) -> bool {
+        self.in_flight < self.capacity
+    }
+
+    /// Queues `work` (a file operation) under `id`. The caller keeps `work` and its buffers
+    /// alive and unmoved until `reap` returns `id`.
+    pub(crate) fn push(&mut self, id: usize, work: &Work) -> io::Result<()> {
+        let entry = match work {
+            Work::Readv { fd, offset, iov } => {
+                opcode::Readv::new(types::Fd(*fd), iov.as_ptr(), iov.count() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            Work::Writev { fd, offset, iov } => {
+                opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), iov.count() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            Work::Sync { fd } => opcode::Fsync::new(types::Fd(*fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Work::Punch { fd, offset, len } => opcode::Fallocate::new(types::Fd(*fd), *len)
+                .offset(*offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        .user_data(id as u64);
+        // SAFETY: the entry's fd and iovec array (and the memory the iovecs name: guest memory
+        // held mapped by the engine, or a bounce buffer in the same in-flight slot) stay valid
+        // until its completion is reaped, which the engine guarantees (it drains the ring
+        // before dropping anything).
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        self.in_flight += 1;
+        // Once queued the entry belongs to the ring: if the kernel refuses the submit call
+        // now, it goes with the next one (every reap retries), and completes from there.
+        if let Err(e) = self.submit() {
+            tracing::error!("I/O engine: io_uring submit failed: {e}");
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel is short of memory for a moment: the entries stay queued and go
+                // with the next submit or reap.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Finished requests: (id, result as the kernel gives it: bytes, or -errno).
+    pub(crate) fn reap(&mut self, out: &mut Vec<(usize, i32)>) {
+        if !self.ring.submission().is_empty() {
+            let _ = self.submit();
+        }
+        for cqe in self.ring.completion() {
+            self.in_flight -= 1;
+            out.push((cqe.user_data() as usize, cqe.result()));
+        }
+    }
+
+    /// Waits until every submitted request has finished (before buffers are freed).
+    pub(crate) fn drain(&mut self, out: &mut Vec<(usize, i32)>) -> bool {
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!("I/O engine: waiting for io_uring requests failed: {e}");
+                    // Leaking is the only safe answer: the kernel may still write the buffers.
+                    return false;
+                }
+            }
+            self.reap(out);
+        }
+        true
+    }
+}
