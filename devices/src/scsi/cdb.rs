@@ -42,7 +42,7 @@ pub mod op {
 }
 
 /// A CDB copied into a fixed buffer after checking that the guest gave at least as many
-/// bytes as its opcode's group needs (SPC-4 4.2.5.1); bytes past that read as zero.
+/// bytes as its opcode's group needs (SPC-4 4.2, CDB formats); bytes past that read as zero.
 #[derive(Debug, Clone, Copy)]
 pub struct Cdb {
     bytes: [u8; 16],
@@ -98,7 +98,7 @@ impl Cdb {
     /// LBA and transfer length (in blocks) of READ/WRITE 6/10/12/16, VERIFY-style layouts.
     pub fn lba_and_length(&self) -> Option<(u64, u64)> {
         match self.opcode() {
-            // SBC-3 5.13: READ (6)'s transfer length 0 means 256 blocks.
+            // SBC-3, READ (6): a transfer length of 0 means 256 blocks.
             op::READ_6 | op::WRITE_6 => {
                 let len = match self.byte(4) {
                     0 => 256,

@@ -19,7 +19,7 @@ const PROFILE_CD_ROM: u16 = 0x0008;
 
 const PAGE_CAPABILITIES: u8 = 0x2a;
 
-/// Media event codes of GET EVENT STATUS NOTIFICATION (MMC-6 table 124).
+/// Media event codes of GET EVENT STATUS NOTIFICATION (MMC-6, media event descriptor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MediaEvent {
     NoChange = 0,
@@ -207,7 +207,7 @@ impl CdUnit {
         }))
     }
 
-    /// READ CD (MMC-6 6.22) for user data only: an ISO has no sync, headers or EDC to give.
+    /// READ CD (MMC-6) for user data only: an ISO has no sync, headers or EDC to give.
     fn read_cd(&self, cdb: &Cdb) -> CmdResult {
         let blocks = self.blocks()?;
         // Expected sector type: any (0) or Mode 1 (2) is what a data track holds.
@@ -228,7 +228,7 @@ impl CdUnit {
         }
     }
 
-    /// READ TOC/PMA/ATIP (MMC-6 6.26) formats 0 (TOC) and 1 (session info): one data
+    /// READ TOC/PMA/ATIP (MMC-6) formats 0 (TOC) and 1 (session info): one data
     /// track at LBA 0 and the lead-out AAh after the last block.
     fn read_toc(&self, cdb: &Cdb) -> CmdResult {
         let msf = cdb.byte(1) & 0x02 != 0;
@@ -275,7 +275,7 @@ impl CdUnit {
         data_in(d, alloc)
     }
 
-    /// GET CONFIGURATION (MMC-6 6.6): header with the current profile, then features.
+    /// GET CONFIGURATION (MMC-6): header with the current profile, then features.
     fn get_configuration(&self, cdb: &Cdb) -> CmdResult {
         let rt = cdb.byte(1) & 0x03;
         let first = cdb.be16(2) as u16;
@@ -298,7 +298,7 @@ impl CdUnit {
         data_in(d, alloc)
     }
 
-    /// (code, current, descriptor) in ascending code order, as MMC-6 5.2 wants.
+    /// (code, current, descriptor) in ascending code order, as MMC-6 wants.
     fn features(&self) -> Vec<(u16, bool, Vec<u8>)> {
         let loaded = self.is_loaded();
         let profile = self.current_profile();
@@ -316,7 +316,7 @@ impl CdUnit {
             profiles.extend_from_slice(&p.to_be_bytes());
             profiles.extend_from_slice(&[u8::from(p == profile), 0]);
         }
-        // Physical interface standard (MMC-6 table 95): 1 SCSI, 2 ATAPI. DBE set.
+        // Physical interface standard (MMC-6, Core feature): 1 SCSI, 2 ATAPI. DBE set.
         let interface: u32 = if self.atapi { 2 } else { 1 };
         let mut core = interface.to_be_bytes().to_vec();
         core.extend_from_slice(&[0x01, 0, 0, 0]);
@@ -339,7 +339,7 @@ impl CdUnit {
         ]
     }
 
-    /// GET EVENT STATUS NOTIFICATION (MMC-6 6.8), polled only, media class only; an event
+    /// GET EVENT STATUS NOTIFICATION (MMC-6), polled only, media class only; an event
     /// is reported once.
     fn event_status(&mut self, cdb: &Cdb) -> CmdResult {
         if cdb.byte(1) & 0x01 == 0 {
@@ -359,7 +359,7 @@ impl CdUnit {
         )
     }
 
-    /// READ DISC INFORMATION (MMC-6 6.23): a finalized one-session, one-track disc.
+    /// READ DISC INFORMATION (MMC-6): a finalized one-session, one-track disc.
     fn disc_information(&self, cdb: &Cdb) -> CmdResult {
         if cdb.byte(1) & 0x07 != 0 {
             return Err(Sense::INVALID_FIELD_IN_CDB);
@@ -378,14 +378,14 @@ impl CdUnit {
         data_in(d, cdb.be16(7))
     }
 
-    /// MECHANISM STATUS (MMC-6 6.11): no changer, idle, the door bit.
+    /// MECHANISM STATUS (MMC-6): no changer, idle, the door bit.
     fn mechanism_status(&self, cdb: &Cdb) -> CmdResult {
         let mut d = vec![0u8; 8];
         d[1] = u8::from(self.tray_open) << 4;
         data_in(d, cdb.be16(8))
     }
 
-    /// Capabilities and Mechanical Status page (MMC-3 5.5.10, 20-byte form Linux's sr reads).
+    /// Capabilities and Mechanical Status page (MMC-3 page 2Ah, the 20-byte form Linux's sr reads).
     fn capabilities_page(&self, pc: PageControl) -> Vec<u8> {
         let mut p = vec![0u8; 22];
         p[0] = PAGE_CAPABILITIES;
@@ -417,11 +417,11 @@ impl CdUnit {
         data_in(req.build(0, None, &pages), req.alloc)
     }
 
-    /// START STOP UNIT (MMC-6 6.40): LoEj with Start closes the tray, without it ejects
+    /// START STOP UNIT (MMC-6): LoEj with Start closes the tray, without it ejects
     /// unless removal is prevented (then 05/53/02).
     fn start_stop(&mut self, cdb: &Cdb) -> CmdResult {
         let b = cdb.byte(4);
-        // A power condition makes START and LOEJ ignored (SBC-3 5.25).
+        // A power condition makes START and LOEJ ignored (SBC-3, START STOP UNIT).
         if b >> 4 != 0 || b & 0x02 == 0 {
             return good();
         }
@@ -448,7 +448,7 @@ impl CdUnit {
     }
 }
 
-/// LBA to MSF (MMC-6 table 619): 150 frames of pregap before LBA 0; minutes saturate
+/// LBA to MSF (MMC-6, MSF addressing): 150 frames of pregap before LBA 0; minutes saturate
 /// at 255 for media longer than MSF can express.
 fn lba_to_msf(lba: u64) -> [u8; 4] {
     let f = lba + 150;

@@ -174,7 +174,14 @@ fn disk_standard_inquiry() {
     assert_eq!(d[..8], [0x00, 0x00, 0x06, 0x12, 31, 0, 0, 0x02]);
     assert_eq!(d[8..16], pad::<8>("FERRY"));
     assert_eq!(d[16..32], pad::<16>("HARDDISK"));
-    assert_eq!(d[32..36], pad::<4>(env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        d[32..36],
+        pad::<4>(concat!(
+            env!("CARGO_PKG_VERSION_MAJOR"),
+            ".",
+            env!("CARGO_PKG_VERSION_MINOR")
+        ))
+    );
     // Allocation length truncation.
     assert_eq!(data(&mut t, 0, &inquiry(false, 0, 5)), d[..5]);
     assert!(data(&mut t, 0, &inquiry(false, 0, 0)).is_empty());
@@ -931,7 +938,7 @@ fn cd_insert_attention_and_events() {
     assert!(!cd(&mut t).is_loaded());
     cd(&mut t).insert(600 * MIB);
     assert!(cd(&mut t).is_loaded());
-    // GET EVENT STATUS NOTIFICATION is not blocked by unit attentions (MMC-6 4.1.6.1).
+    // GET EVENT STATUS NOTIFICATION is not blocked by unit attentions.
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 2, 0x02, 0, 0]);
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 0, 0x02, 0, 0]);
     // Power on first, then medium changed, each once.
