@@ -16,6 +16,7 @@ pub mod op {
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
+    pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -27,12 +28,14 @@ pub mod op {
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
+    pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
+    pub const VERIFY_12: u8 = 0xaf;
     pub const SET_CD_SPEED: u8 = 0xbb;
     pub const MECHANISM_STATUS: u8 = 0xbd;
     pub const READ_CD: u8 = 0xbe;

@@ -104,6 +104,9 @@ impl DiskUnit {
             op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => {
                 self.read_write(cdb, Some(data_out))
             }
+            op::VERIFY_10 => self.verify(cdb, cdb.be32(2), cdb.be16(7)),
+            op::VERIFY_12 => self.verify(cdb, cdb.be32(2), cdb.be32(6)),
+            op::VERIFY_16 => self.verify(cdb, cdb.be64(2), cdb.be32(10)),
             op::SYNCHRONIZE_CACHE_10 => self.synchronize_cache(cdb.be32(2), cdb.be16(7)),
             op::SYNCHRONIZE_CACHE_16 => self.synchronize_cache(cdb.be64(2), cdb.be32(10)),
             op::WRITE_SAME_10 => self.write_same(cdb, cdb.be32(2), cdb.be16(7), data_out),
@@ -229,6 +232,17 @@ impl DiskUnit {
             len,
             fua: write && (fua_bit || !self.write_cache),
         }))
+    }
+
+    /// VERIFY without BYTCHK (SBC-3) asks whether the blocks are readable; an image has no
+    /// media defects to find, so only the range is checked (Windows' IOCTL_DISK_VERIFY).
+    fn verify(&self, cdb: &Cdb, lba: u64, count: u64) -> CmdResult {
+        // VRPROTECT (no protection information) and BYTCHK (compare with Data-Out).
+        if cdb.byte(1) & 0xe6 != 0 {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        check_range(lba, count, self.blocks)?;
+        good()
     }
 
     /// SBC-3, SYNCHRONIZE CACHE: count 0 means from `lba` to the end of the medium.

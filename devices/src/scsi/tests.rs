@@ -850,6 +850,19 @@ fn disk_misc_commands() {
     let mut t = disk_target(params(GIB, 512));
     assert!(data(&mut t, 0, &[0x1b, 0, 0, 0, 1, 0]).is_empty());
     assert!(data(&mut t, 0, &[0x1e, 0, 0, 0, 1, 0]).is_empty());
+    // VERIFY checks the range only; BYTCHK is not supported.
+    assert!(data(&mut t, 0, &[0x2f, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]).is_empty());
+    assert!(data(&mut t, 0, &[0xaf, 0, 0, 0x1f, 0xff, 0xff, 0, 0, 0, 1, 0, 0]).is_empty());
+    let mut v16 = [0u8; 16];
+    v16[0] = 0x8f;
+    v16[9] = 0x20;
+    v16[2..10].copy_from_slice(&(GIB / 512).to_be_bytes());
+    v16[13] = 1;
+    assert_eq!(check(&mut t, 0, &v16), Sense::LBA_OUT_OF_RANGE);
+    assert_eq!(
+        check(&mut t, 0, &[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 1, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
 }
 
 // ---- CD/DVD ----
