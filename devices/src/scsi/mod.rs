@@ -25,8 +25,9 @@
 //! A CHECK CONDITION completion carries its sense (autosense); the same sense stays available
 //! to one following REQUEST SENSE for initiators without autosense (ATAPI).
 //!
-//! Every unit starts with a POWER ON/RESET unit attention (06/29/00), reported once. A CD
-//! unit adds MEDIUM CHANGED (06/28/00) when a medium is inserted or the guest closes the tray.
+//! Every unit starts with a POWER ON/RESET unit attention (06/29/00), reported once; so does
+//! `reset`. A CD unit adds MEDIUM CHANGED (06/28/00) when a medium is inserted or the guest
+//! closes the tray on one, unless a POWER ON/RESET is still pending (it covers that).
 
 mod cdb;
 mod cdrom;

@@ -132,7 +132,9 @@ impl SenseState {
     }
 
     pub fn raise(&mut self, ua: Sense) {
-        if self.attentions.contains(&ua) {
+        // A pending reset already tells the initiator that anything may have changed
+        // (a CD inserted at power-on reports 06/29/00 only, as a real drive does).
+        if self.attentions.contains(&ua) || self.attentions.contains(&Sense::POWER_ON_RESET) {
             return;
         }
         if ua == Sense::POWER_ON_RESET {

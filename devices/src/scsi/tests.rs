@@ -954,11 +954,16 @@ fn cd_insert_attention_and_events() {
     // GET EVENT STATUS NOTIFICATION is not blocked by unit attentions.
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 2, 0x02, 0, 0]);
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 0, 0x02, 0, 0]);
-    // Power on first, then medium changed, each once.
+    // Power on covers the medium inserted before the guest looked.
     assert_eq!(check(&mut t, 0, &[0; 6]), Sense::POWER_ON_RESET);
-    let s = check(&mut t, 0, &[0; 6]);
+    data(&mut t, 0, &[0; 6]);
+    // A later insert: MEDIUM CHANGED once.
+    cd(&mut t).eject();
+    cd(&mut t).insert(600 * MIB);
+    let s = check(&mut t, 0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!((s.key, s.asc, s.ascq), (0x06, 0x28, 0x00));
     data(&mut t, 0, &[0; 6]);
+    assert_eq!(data(&mut t, 0, &gesn())[4..6], [2, 0x02]);
     // Not polled: invalid; no media class asked: No Event Available.
     assert_eq!(
         check(&mut t, 0, &[0x4a, 0, 0, 0, 0x10, 0, 0, 0, 8, 0]),
