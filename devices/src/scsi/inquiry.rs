@@ -43,8 +43,8 @@ pub struct DeviceType {
 
 impl Identity {
     pub fn new(vendor: &str, product: &str, serial: &str, wwn: u64) -> Self {
-        // VPD 80's page length is one byte in older SPC versions; 250 serves every reader.
-        let serial: Vec<u8> = ascii(serial.trim()).take(250).collect();
+        // VPD 83's T10 designator holds vendor + serial in a one-byte length.
+        let serial: Vec<u8> = ascii(serial.trim()).take(240).collect();
         Self {
             vendor: padded(vendor),
             product: padded(product),

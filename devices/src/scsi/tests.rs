@@ -1198,3 +1198,21 @@ fn cd_disc_information_and_mode_sense() {
         Sense::INVALID_FIELD_IN_CDB
     );
 }
+
+#[test]
+fn long_and_odd_identity_strings() {
+    let mut p = params(GIB, 512);
+    p.serial = "A".repeat(300);
+    p.vendor = "VENDOR-NAME-TOO-LONG";
+    p.product = "caf\u{e9}\n";
+    p.wwn = 0;
+    let mut t = disk_target(p);
+    let d = data(&mut t, 0, &inquiry(false, 0, 36));
+    assert_eq!(d[8..16], *b"VENDOR-N");
+    assert_eq!(d[16..32], pad::<16>("caf   "));
+    let d = data(&mut t, 0, &inquiry(true, 0x80, 1024));
+    assert_eq!(d[2..4], [0, 240]);
+    let d = data(&mut t, 0, &inquiry(true, 0x83, 1024));
+    assert_eq!(d[2..8], [0, 252, 0x02, 0x01, 0, 248]);
+    assert_eq!(d.len(), 256);
+}
