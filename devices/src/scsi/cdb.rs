@@ -24,6 +24,7 @@ pub mod op {
     pub const GET_CONFIGURATION: u8 = 0x46;
     pub const GET_EVENT_STATUS_NOTIFICATION: u8 = 0x4a;
     pub const READ_DISC_INFORMATION: u8 = 0x51;
+    pub const READ_TRACK_INFORMATION: u8 = 0x52;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
@@ -35,6 +36,7 @@ pub mod op {
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
+    pub const READ_DISC_STRUCTURE: u8 = 0xad;
     pub const VERIFY_12: u8 = 0xaf;
     pub const SET_CD_SPEED: u8 = 0xbb;
     pub const MECHANISM_STATUS: u8 = 0xbd;

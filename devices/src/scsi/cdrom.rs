@@ -30,6 +30,8 @@ enum MediaEvent {
 
 const ILLEGAL_MODE_FOR_TRACK: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x64, 0x00);
 const MEDIUM_NOT_PRESENT_TRAY_OPEN: Sense = Sense::new(key::NOT_READY, 0x3a, 0x02);
+/// A DVD structure asked of a CD (MMC-6, READ DISC STRUCTURE).
+const INCOMPATIBLE_FORMAT: Sense = Sense::new(key::NOT_READY, 0x30, 0x02);
 
 #[derive(Debug, Clone)]
 pub struct CdParams<'a> {
@@ -176,6 +178,8 @@ impl CdUnit {
             op::GET_CONFIGURATION => self.get_configuration(cdb),
             op::GET_EVENT_STATUS_NOTIFICATION => self.event_status(cdb),
             op::READ_DISC_INFORMATION => self.disc_information(cdb),
+            op::READ_TRACK_INFORMATION => self.track_information(cdb),
+            op::READ_DISC_STRUCTURE => self.disc_structure(cdb),
             op::MECHANISM_STATUS => self.mechanism_status(cdb),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::PREVENT_ALLOW_MEDIUM_REMOVAL => {
@@ -376,6 +380,81 @@ impl CdUnit {
                   // Last session lead-in and last possible lead-out: FFFFFFFFh on a finalized disc.
         d[16..24].fill(0xff);
         data_in(d, cdb.be16(7))
+    }
+
+    /// READ TRACK INFORMATION (MMC-6) for the one track of session 1 (Linux's
+    /// CDROM_LAST_WRITTEN and UDF readers ask for it; blank-disc fields stay 0).
+    fn track_information(&self, cdb: &Cdb) -> CmdResult {
+        let blocks = self.blocks()?;
+        let number = cdb.be32(2);
+        let valid = match cdb.byte(1) & 0x03 {
+            0 => number < blocks, // an LBA within the track
+            1 | 2 => number == 1, // track 1, or session 1
+            _ => false,
+        };
+        if !valid {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let mut d = vec![0u8; 36];
+        d[1] = 34;
+        d[2] = 1; // track number
+        d[3] = 1; // session number
+        d[5] = 0x04; // track mode: data, uninterrupted
+        d[6] = 0x01; // data mode 1
+        let size = u32::try_from(blocks).unwrap_or(u32::MAX);
+        d[24..28].copy_from_slice(&size.to_be_bytes());
+        d[28..32].copy_from_slice(&size.saturating_sub(1).to_be_bytes());
+        data_in(d, cdb.be16(7))
+    }
+
+    /// READ DISC STRUCTURE (MMC-6) for DVD media: physical format (00h), copyright (01h,
+    /// no protection) and the structure list (FFh). Windows reads them from DVD-ROM drives.
+    fn disc_structure(&self, cdb: &Cdb) -> CmdResult {
+        // Media type 0 (DVD); BD structures are not supported.
+        if cdb.byte(1) & 0x0f != 0 {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let format = cdb.byte(7);
+        let alloc = cdb.be16(8);
+        let body = match format {
+            0x00 | 0x01 => {
+                let blocks = self.blocks()?;
+                if !self.is_dvd() {
+                    return Err(INCOMPATIBLE_FORMAT);
+                }
+                // One layer only.
+                if cdb.byte(6) != 0 {
+                    return Err(Sense::INVALID_FIELD_IN_CDB);
+                }
+                if format == 0x01 {
+                    vec![0; 4] // no copy protection system, no region restriction
+                } else {
+                    let mut b = vec![0u8; 2048];
+                    b[0] = 0x01; // book type DVD-ROM, part version 1
+                    b[1] = 0x0f; // 120 mm, maximum rate not specified
+                    b[2] = 0x01; // one layer, embossed (read-only) data
+                    let last = u32::try_from(blocks.saturating_sub(1)).unwrap_or(u32::MAX);
+                    // Starting sector 0 (data area from LBA 0); end sector and layer 0 end.
+                    b[8..12].copy_from_slice(&last.to_be_bytes());
+                    b[12..16].copy_from_slice(&last.to_be_bytes());
+                    b
+                }
+            }
+            0xff => {
+                // Structure list: format, readable (RDS), length of each.
+                let mut b = Vec::new();
+                for (f, len) in [(0x00u8, 2048u16 + 4), (0x01, 8), (0xff, 16)] {
+                    b.extend_from_slice(&[f, 0x40]);
+                    b.extend_from_slice(&len.to_be_bytes());
+                }
+                b
+            }
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+        };
+        let mut d = ((body.len() + 2) as u16).to_be_bytes().to_vec();
+        d.extend_from_slice(&[0, 0]);
+        d.extend_from_slice(&body);
+        data_in(d, alloc)
     }
 
     /// MECHANISM STATUS (MMC-6): no changer, idle, the door bit.

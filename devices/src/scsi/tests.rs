@@ -1216,3 +1216,64 @@ fn long_and_odd_identity_strings() {
     assert_eq!(d[2..8], [0, 252, 0x02, 0x01, 0, 248]);
     assert_eq!(d.len(), 256);
 }
+
+#[test]
+fn cd_track_information_and_dvd_structures() {
+    let mut t = loaded_cd(600 * MIB);
+    let mut want = vec![0, 34, 1, 1, 0, 0x04, 0x01, 0];
+    want.extend_from_slice(&[0; 16]);
+    want.extend_from_slice(&307200u32.to_be_bytes());
+    want.extend_from_slice(&307199u32.to_be_bytes());
+    want.extend_from_slice(&[0; 4]);
+    assert_eq!(data(&mut t, 0, &[0x52, 1, 0, 0, 0, 1, 0, 0, 36, 0]), want);
+    assert_eq!(
+        data(&mut t, 0, &[0x52, 0, 0, 0, 0x10, 0, 0, 0, 36, 0]),
+        want
+    );
+    assert_eq!(
+        data(&mut t, 0, &[0x52, 2, 0, 0, 0, 1, 0, 0, 8, 0]),
+        want[..8]
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0x52, 1, 0, 0, 0, 2, 0, 0, 36, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0x52, 0, 0, 0x04, 0xb0, 0, 0, 0, 36, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    // DVD structures of a CD: incompatible format.
+    let s = check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x04, 0, 0]);
+    assert_eq!((s.key, s.asc, s.ascq), (0x02, 0x30, 0x02));
+
+    let mut t = loaded_cd(4 << 30); // 2097152 blocks
+    let d = data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x04, 0, 0]);
+    assert_eq!(d.len(), 2052);
+    assert_eq!(d[..8], [0x08, 0x02, 0, 0, 0x01, 0x0f, 0x01, 0]);
+    assert_eq!(
+        d[8..20],
+        [0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0, 0x1f, 0xff, 0xff]
+    );
+    assert!(d[20..].iter().all(|b| *b == 0));
+    assert_eq!(
+        data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 0]),
+        [0, 6, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(
+        data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0xff, 0, 64, 0, 0]),
+        [0, 14, 0, 0, 0x00, 0x40, 0x08, 0x04, 0x01, 0x40, 0, 8, 0xff, 0x40, 0, 16]
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 1, 0, 0, 64, 0, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 1, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    cd(&mut t).eject();
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+        Sense::MEDIUM_NOT_PRESENT
+    );
+}
