@@ -72,9 +72,10 @@ fuzz_target!(|input: &[u8]| {
             1 => 1,
             2 => 5,
             _ => {
-                let Some(LogicalUnit::Cd(cd)) = target.unit_mut(1) else {
-                    unreachable!("CD at LUN 1");
-                };
+                let cd = target
+                    .unit_mut(1)
+                    .and_then(LogicalUnit::as_cd_mut)
+                    .expect("CD at LUN 1");
                 match (ctrl >> 2) & 3 {
                     0 => {
                         let Some(b) = take(&mut data, 4) else {

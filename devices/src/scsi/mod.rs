@@ -14,6 +14,13 @@
 //! ScsiTarget::reset(&mut self)                          // bus/target reset: UA 29/00 again
 //! ScsiTarget::execute(&mut self, lun, cdb: &[u8], data_out: &mut dyn DataOut) -> ScsiResult
 //! ScsiTarget::io_done(&mut self, lun, io: &MediumIo, result: Result<(), IoFailure>) -> Completion
+//!
+//! DiskUnit::new(DiskParams { size_bytes, block_size, nonrotational, discard, read_only,
+//!                            write_cache, vendor, product, serial, wwn }) -> Result<DiskUnit, ScsiError>
+//! DiskUnit::write_cache_enabled(&self) -> bool      // the guest's caching page WCE
+//! CdUnit::new(CdParams { vendor, product, serial, atapi }) -> CdUnit   // empty drive
+//! CdUnit::insert(&mut self, size_bytes) / eject() / request_eject() -> bool / is_loaded()
+//! LogicalUnit::{Disk(DiskUnit), Cd(CdUnit)}, as_disk_mut(), as_cd_mut(), reset()
 //! ```
 //!
 //! `execute` returns either a finished [`Completion`] (status, sense, Data-In already cut to
@@ -182,6 +189,21 @@ fn good() -> CmdResult {
 }
 
 impl LogicalUnit {
+    pub fn as_disk_mut(&mut self) -> Option<&mut DiskUnit> {
+        match self {
+            LogicalUnit::Disk(d) => Some(d),
+            LogicalUnit::Cd(_) => None,
+        }
+    }
+
+    /// For the host's medium changes: `insert`, `eject`, `request_eject`.
+    pub fn as_cd_mut(&mut self) -> Option<&mut CdUnit> {
+        match self {
+            LogicalUnit::Cd(c) => Some(c),
+            LogicalUnit::Disk(_) => None,
+        }
+    }
+
     fn sense_state(&mut self) -> &mut SenseState {
         match self {
             LogicalUnit::Disk(d) => &mut d.sense,

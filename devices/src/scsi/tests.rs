@@ -650,10 +650,9 @@ fn mode_select_write_cache() {
     let cdb = [0x15, 0x10, 0, 0, list.len() as u8, 0];
     assert!(complete(run(&mut t, 0, &cdb, &list)).data_in.is_empty());
     assert_eq!(data(&mut t, 0, &[0x1a, 0x08, 0x08, 0, 255, 0])[6], 0);
-    let LogicalUnit::Disk(d) = t.unit_mut(0).unwrap() else {
-        panic!()
-    };
+    let d = t.unit_mut(0).and_then(LogicalUnit::as_disk_mut).unwrap();
     assert!(!d.write_cache_enabled());
+    assert_eq!((d.blocks(), d.block_size()), (GIB / 512, 512));
     // With the cache off, writes are FUA.
     assert!(io(&mut t, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0; 512]).fua);
     // MODE SELECT 10 turns it back on; the PS bit is ignored.
@@ -870,10 +869,7 @@ fn disk_misc_commands() {
 const MIB: u64 = 1 << 20;
 
 fn cd(t: &mut ScsiTarget) -> &mut CdUnit {
-    match t.unit_mut(0) {
-        Some(LogicalUnit::Cd(c)) => c,
-        _ => panic!("no CD at LUN 0"),
-    }
+    t.unit_mut(0).and_then(LogicalUnit::as_cd_mut).unwrap()
 }
 
 /// A CD unit with a `size`-byte medium and the attentions consumed.
