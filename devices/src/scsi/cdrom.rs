@@ -122,7 +122,7 @@ impl CdUnit {
         self.prevent = false;
     }
 
-    fn not_ready(&self) -> Sense {
+    pub(super) fn not_ready(&self) -> Sense {
         if self.tray_open {
             MEDIUM_NOT_PRESENT_TRAY_OPEN
         } else {

@@ -114,7 +114,7 @@ impl DiskUnit {
             op::UNMAP => self.unmap(cdb, data_out),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::MODE_SELECT_6 | op::MODE_SELECT_10 => self.mode_select(cdb, data_out),
-            // Nothing spins; a fixed disk has no medium to lock or eject (SBC-3, START STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL).
+            // Nothing spins, and a fixed disk has no medium to lock or eject (SBC-3).
             op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => good(),
             other => {
                 tracing::debug!(opcode = other, "SCSI disk: unsupported command");
@@ -389,7 +389,8 @@ impl DiskUnit {
             ALL_PAGES => [self.caching_page(req.pc), self.control_page(req.pc)].concat(),
             _ => return Err(Sense::INVALID_FIELD_IN_CDB),
         };
-        // Device-specific parameter (SBC-3, mode parameter header): WP, and DPOFUA since FUA is honoured.
+        // Device-specific parameter (SBC-3 mode parameter header): WP, and DPOFUA since
+        // FUA is honoured.
         let specific = (u8::from(self.read_only) << 7) | 0x10;
         let data = req.build(specific, Some((self.blocks, self.block_size)), &pages);
         data_in(data, req.alloc)

@@ -116,8 +116,8 @@ fn standard(id: &Identity, dev: DeviceType) -> Vec<u8> {
     d
 }
 
-/// VPD 83 (SPC-4, Device Identification): an NAA designator when a WWN is set, and a T10 vendor ID one
-/// (vendor + serial) that Linux's /dev/disk/by-id uses when there is no NAA.
+/// VPD 83 (SPC-4 Device Identification): an NAA designator when a WWN is set, and a T10
+/// vendor ID one (vendor + serial) that Linux's /dev/disk/by-id uses when there is no NAA.
 fn identification(id: &Identity) -> Vec<u8> {
     let mut d = Vec::new();
     if id.wwn != 0 {

@@ -16,7 +16,8 @@
 //! ScsiTarget::io_done(&mut self, lun, io: &MediumIo, result: Result<(), IoFailure>) -> Completion
 //!
 //! DiskUnit::new(DiskParams { size_bytes, block_size, nonrotational, discard, read_only,
-//!                            write_cache, vendor, product, serial, wwn }) -> Result<DiskUnit, ScsiError>
+//!                            write_cache, vendor, product, serial, wwn })
+//!     -> Result<DiskUnit, ScsiError>
 //! DiskUnit::write_cache_enabled(&self) -> bool      // the guest's caching page WCE
 //! CdUnit::new(CdParams { vendor, product, serial, atapi }) -> CdUnit   // empty drive
 //! CdUnit::insert(&mut self, size_bytes) / eject() / request_eject() -> bool / is_loaded()
@@ -164,7 +165,8 @@ pub struct MediumIo {
 pub enum IoFailure {
     /// EIO: MEDIUM ERROR (03/11/00 on reads, 03/0C/00 otherwise).
     Medium,
-    /// ENOSPC: DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07, SBC-3 thin provisioning).
+    /// ENOSPC: DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07, SBC-3 thin
+    /// provisioning).
     NoSpace,
     /// Anything else: HARDWARE ERROR / INTERNAL TARGET FAILURE (04/44/00).
     Other,
@@ -249,10 +251,10 @@ impl LogicalUnit {
         if opcode == op::REQUEST_SENSE {
             return self.request_sense(cdb);
         }
-        // SPC-4, unit attention condition: a pending unit attention fails the next command, except INQUIRY,
-        // REPORT LUNS and REQUEST SENSE; a CD/DVD unit also lets GET CONFIGURATION and GET
-        // EVENT STATUS NOTIFICATION through, as QEMU's ATAPI does (ALLOW_UA), so a guest
-        // polling for media events sees NEW MEDIA before the attention.
+        // SPC-4 (unit attention condition): a pending unit attention fails the next command,
+        // except INQUIRY, REPORT LUNS and REQUEST SENSE; a CD/DVD unit also lets GET
+        // CONFIGURATION and GET EVENT STATUS NOTIFICATION through, as QEMU's ATAPI does
+        // (ALLOW_UA), so a guest polling for media events sees NEW MEDIA first.
         let ua_exempt = match self {
             LogicalUnit::Disk(_) => matches!(opcode, op::INQUIRY | op::REPORT_LUNS),
             LogicalUnit::Cd(_) => matches!(
@@ -278,7 +280,7 @@ impl LogicalUnit {
         let descriptor = cdb.byte(1) & 1 != 0;
         let alloc = u64::from(cdb.byte(4));
         let not_ready = match self {
-            LogicalUnit::Cd(c) if !c.is_loaded() => Some(Sense::MEDIUM_NOT_PRESENT),
+            LogicalUnit::Cd(c) if !c.is_loaded() => Some(c.not_ready()),
             _ => None,
         };
         let sense = self

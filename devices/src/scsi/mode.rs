@@ -57,7 +57,8 @@ impl SenseRequest {
         })
     }
 
-    /// Header, optional block descriptor (`blocks`, `block_len`; SBC-3 short and long LBA forms) and pages.
+    /// Header, optional block descriptor (`blocks`, `block_len`; SBC-3 short and long LBA
+    /// forms) and pages.
     pub fn build(
         &self,
         device_specific: u8,

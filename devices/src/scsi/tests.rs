@@ -998,6 +998,11 @@ fn cd_eject_with_prevent() {
     assert_eq!(data(&mut t, 0, &gesn())[4..6], [3, 0x01]);
     let s = check(&mut t, 0, &[0; 6]);
     assert_eq!((s.key, s.asc, s.ascq), (0x02, 0x3a, 0x02));
+    data(&mut t, 0, &[0x1e, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        data(&mut t, 0, &[0x03, 0, 0, 0, 18, 0])[12..14],
+        [0x3a, 0x02]
+    );
     assert_eq!(
         data(&mut t, 0, &[0xbd, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0])[1],
         0x10
@@ -1068,8 +1073,9 @@ fn cd_capacity_and_reads() {
 
 #[test]
 fn cd_read_toc_600mb() {
-    let mut t = loaded_cd(600 * MIB); // 307200 blocks
-                                      // Format 0, MSF: track 1 at 00:02:00, lead-out at 307200 + 150 frames = 68:18:00.
+    // 600 MiB: 307200 blocks.
+    let mut t = loaded_cd(600 * MIB);
+    // Format 0, MSF: track 1 at 00:02:00, lead-out at 307200 + 150 frames = 68:18:00.
     assert_eq!(
         data(&mut t, 0, &[0x43, 0x02, 0, 0, 0, 0, 0, 0x03, 0x24, 0]),
         [0, 18, 1, 1, 0, 0x14, 1, 0, 0, 0, 2, 0, 0, 0x14, 0xaa, 0, 0, 68, 18, 0]
