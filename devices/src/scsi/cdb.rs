@@ -16,6 +16,7 @@ pub mod op {
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
+    pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -23,16 +24,20 @@ pub mod op {
     pub const GET_CONFIGURATION: u8 = 0x46;
     pub const GET_EVENT_STATUS_NOTIFICATION: u8 = 0x4a;
     pub const READ_DISC_INFORMATION: u8 = 0x51;
+    pub const READ_TRACK_INFORMATION: u8 = 0x52;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
+    pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
+    pub const READ_DISC_STRUCTURE: u8 = 0xad;
+    pub const VERIFY_12: u8 = 0xaf;
     pub const SET_CD_SPEED: u8 = 0xbb;
     pub const MECHANISM_STATUS: u8 = 0xbd;
     pub const READ_CD: u8 = 0xbe;
@@ -42,7 +47,7 @@ pub mod op {
 }
 
 /// A CDB copied into a fixed buffer after checking that the guest gave at least as many
-/// bytes as its opcode's group needs (SPC-4 4.2.5.1); bytes past that read as zero.
+/// bytes as its opcode's group needs (SPC-4 4.2, CDB formats); bytes past that read as zero.
 #[derive(Debug, Clone, Copy)]
 pub struct Cdb {
     bytes: [u8; 16],
@@ -98,7 +103,7 @@ impl Cdb {
     /// LBA and transfer length (in blocks) of READ/WRITE 6/10/12/16, VERIFY-style layouts.
     pub fn lba_and_length(&self) -> Option<(u64, u64)> {
         match self.opcode() {
-            // SBC-3 5.13: READ (6)'s transfer length 0 means 256 blocks.
+            // SBC-3, READ (6): a transfer length of 0 means 256 blocks.
             op::READ_6 | op::WRITE_6 => {
                 let len = match self.byte(4) {
                     0 => 256,

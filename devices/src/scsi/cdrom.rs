@@ -19,7 +19,7 @@ const PROFILE_CD_ROM: u16 = 0x0008;
 
 const PAGE_CAPABILITIES: u8 = 0x2a;
 
-/// Media event codes of GET EVENT STATUS NOTIFICATION (MMC-6 table 124).
+/// Media event codes of GET EVENT STATUS NOTIFICATION (MMC-6, media event descriptor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MediaEvent {
     NoChange = 0,
@@ -30,6 +30,8 @@ enum MediaEvent {
 
 const ILLEGAL_MODE_FOR_TRACK: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x64, 0x00);
 const MEDIUM_NOT_PRESENT_TRAY_OPEN: Sense = Sense::new(key::NOT_READY, 0x3a, 0x02);
+/// A DVD structure asked of a CD (MMC-6, READ DISC STRUCTURE).
+const INCOMPATIBLE_FORMAT: Sense = Sense::new(key::NOT_READY, 0x30, 0x02);
 
 #[derive(Debug, Clone)]
 pub struct CdParams<'a> {
@@ -120,7 +122,7 @@ impl CdUnit {
         self.prevent = false;
     }
 
-    fn not_ready(&self) -> Sense {
+    pub(super) fn not_ready(&self) -> Sense {
         if self.tray_open {
             MEDIUM_NOT_PRESENT_TRAY_OPEN
         } else {
@@ -176,6 +178,8 @@ impl CdUnit {
             op::GET_CONFIGURATION => self.get_configuration(cdb),
             op::GET_EVENT_STATUS_NOTIFICATION => self.event_status(cdb),
             op::READ_DISC_INFORMATION => self.disc_information(cdb),
+            op::READ_TRACK_INFORMATION => self.track_information(cdb),
+            op::READ_DISC_STRUCTURE => self.disc_structure(cdb),
             op::MECHANISM_STATUS => self.mechanism_status(cdb),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::PREVENT_ALLOW_MEDIUM_REMOVAL => {
@@ -207,7 +211,7 @@ impl CdUnit {
         }))
     }
 
-    /// READ CD (MMC-6 6.22) for user data only: an ISO has no sync, headers or EDC to give.
+    /// READ CD (MMC-6) for user data only: an ISO has no sync, headers or EDC to give.
     fn read_cd(&self, cdb: &Cdb) -> CmdResult {
         let blocks = self.blocks()?;
         // Expected sector type: any (0) or Mode 1 (2) is what a data track holds.
@@ -228,7 +232,7 @@ impl CdUnit {
         }
     }
 
-    /// READ TOC/PMA/ATIP (MMC-6 6.26) formats 0 (TOC) and 1 (session info): one data
+    /// READ TOC/PMA/ATIP (MMC-6) formats 0 (TOC) and 1 (session info): one data
     /// track at LBA 0 and the lead-out AAh after the last block.
     fn read_toc(&self, cdb: &Cdb) -> CmdResult {
         let msf = cdb.byte(1) & 0x02 != 0;
@@ -275,7 +279,7 @@ impl CdUnit {
         data_in(d, alloc)
     }
 
-    /// GET CONFIGURATION (MMC-6 6.6): header with the current profile, then features.
+    /// GET CONFIGURATION (MMC-6): header with the current profile, then features.
     fn get_configuration(&self, cdb: &Cdb) -> CmdResult {
         let rt = cdb.byte(1) & 0x03;
         let first = cdb.be16(2) as u16;
@@ -298,7 +302,7 @@ impl CdUnit {
         data_in(d, alloc)
     }
 
-    /// (code, current, descriptor) in ascending code order, as MMC-6 5.2 wants.
+    /// (code, current, descriptor) in ascending code order, as MMC-6 wants.
     fn features(&self) -> Vec<(u16, bool, Vec<u8>)> {
         let loaded = self.is_loaded();
         let profile = self.current_profile();
@@ -316,7 +320,7 @@ impl CdUnit {
             profiles.extend_from_slice(&p.to_be_bytes());
             profiles.extend_from_slice(&[u8::from(p == profile), 0]);
         }
-        // Physical interface standard (MMC-6 table 95): 1 SCSI, 2 ATAPI. DBE set.
+        // Physical interface standard (MMC-6, Core feature): 1 SCSI, 2 ATAPI. DBE set.
         let interface: u32 = if self.atapi { 2 } else { 1 };
         let mut core = interface.to_be_bytes().to_vec();
         core.extend_from_slice(&[0x01, 0, 0, 0]);
@@ -339,7 +343,7 @@ impl CdUnit {
         ]
     }
 
-    /// GET EVENT STATUS NOTIFICATION (MMC-6 6.8), polled only, media class only; an event
+    /// GET EVENT STATUS NOTIFICATION (MMC-6), polled only, media class only; an event
     /// is reported once.
     fn event_status(&mut self, cdb: &Cdb) -> CmdResult {
         if cdb.byte(1) & 0x01 == 0 {
@@ -359,7 +363,7 @@ impl CdUnit {
         )
     }
 
-    /// READ DISC INFORMATION (MMC-6 6.23): a finalized one-session, one-track disc.
+    /// READ DISC INFORMATION (MMC-6): a finalized one-session, one-track disc.
     fn disc_information(&self, cdb: &Cdb) -> CmdResult {
         if cdb.byte(1) & 0x07 != 0 {
             return Err(Sense::INVALID_FIELD_IN_CDB);
@@ -378,14 +382,89 @@ impl CdUnit {
         data_in(d, cdb.be16(7))
     }
 
-    /// MECHANISM STATUS (MMC-6 6.11): no changer, idle, the door bit.
+    /// READ TRACK INFORMATION (MMC-6) for the one track of session 1 (Linux's
+    /// CDROM_LAST_WRITTEN and UDF readers ask for it; blank-disc fields stay 0).
+    fn track_information(&self, cdb: &Cdb) -> CmdResult {
+        let blocks = self.blocks()?;
+        let number = cdb.be32(2);
+        let valid = match cdb.byte(1) & 0x03 {
+            0 => number < blocks, // an LBA within the track
+            1 | 2 => number == 1, // track 1, or session 1
+            _ => false,
+        };
+        if !valid {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let mut d = vec![0u8; 36];
+        d[1] = 34;
+        d[2] = 1; // track number
+        d[3] = 1; // session number
+        d[5] = 0x04; // track mode: data, uninterrupted
+        d[6] = 0x01; // data mode 1
+        let size = u32::try_from(blocks).unwrap_or(u32::MAX);
+        d[24..28].copy_from_slice(&size.to_be_bytes());
+        d[28..32].copy_from_slice(&size.saturating_sub(1).to_be_bytes());
+        data_in(d, cdb.be16(7))
+    }
+
+    /// READ DISC STRUCTURE (MMC-6) for DVD media: physical format (00h), copyright (01h,
+    /// no protection) and the structure list (FFh). Windows reads them from DVD-ROM drives.
+    fn disc_structure(&self, cdb: &Cdb) -> CmdResult {
+        // Media type 0 (DVD); BD structures are not supported.
+        if cdb.byte(1) & 0x0f != 0 {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let format = cdb.byte(7);
+        let alloc = cdb.be16(8);
+        let body = match format {
+            0x00 | 0x01 => {
+                let blocks = self.blocks()?;
+                if !self.is_dvd() {
+                    return Err(INCOMPATIBLE_FORMAT);
+                }
+                // One layer only.
+                if cdb.byte(6) != 0 {
+                    return Err(Sense::INVALID_FIELD_IN_CDB);
+                }
+                if format == 0x01 {
+                    vec![0; 4] // no copy protection system, no region restriction
+                } else {
+                    let mut b = vec![0u8; 2048];
+                    b[0] = 0x01; // book type DVD-ROM, part version 1
+                    b[1] = 0x0f; // 120 mm, maximum rate not specified
+                    b[2] = 0x01; // one layer, embossed (read-only) data
+                    let last = u32::try_from(blocks.saturating_sub(1)).unwrap_or(u32::MAX);
+                    // Starting sector 0 (data area from LBA 0); end sector and layer 0 end.
+                    b[8..12].copy_from_slice(&last.to_be_bytes());
+                    b[12..16].copy_from_slice(&last.to_be_bytes());
+                    b
+                }
+            }
+            0xff => {
+                // Structure list: format, readable (RDS), length of each.
+                let mut b = Vec::new();
+                for (f, len) in [(0x00u8, 2048u16 + 4), (0x01, 8), (0xff, 16)] {
+                    b.extend_from_slice(&[f, 0x40]);
+                    b.extend_from_slice(&len.to_be_bytes());
+                }
+                b
+            }
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+        };
+        let mut d = ((body.len() + 2) as u16).to_be_bytes().to_vec();
+        d.extend_from_slice(&[0, 0]);
+        d.extend_from_slice(&body);
+        data_in(d, alloc)
+    }
+
+    /// MECHANISM STATUS (MMC-6): no changer, idle, the door bit.
     fn mechanism_status(&self, cdb: &Cdb) -> CmdResult {
         let mut d = vec![0u8; 8];
         d[1] = u8::from(self.tray_open) << 4;
         data_in(d, cdb.be16(8))
     }
 
-    /// Capabilities and Mechanical Status page (MMC-3 5.5.10, 20-byte form Linux's sr reads).
+    /// Capabilities and Mechanical Status page (MMC-3 page 2Ah, the 20-byte form Linux's sr reads).
     fn capabilities_page(&self, pc: PageControl) -> Vec<u8> {
         let mut p = vec![0u8; 22];
         p[0] = PAGE_CAPABILITIES;
@@ -417,11 +496,11 @@ impl CdUnit {
         data_in(req.build(0, None, &pages), req.alloc)
     }
 
-    /// START STOP UNIT (MMC-6 6.40): LoEj with Start closes the tray, without it ejects
+    /// START STOP UNIT (MMC-6): LoEj with Start closes the tray, without it ejects
     /// unless removal is prevented (then 05/53/02).
     fn start_stop(&mut self, cdb: &Cdb) -> CmdResult {
         let b = cdb.byte(4);
-        // A power condition makes START and LOEJ ignored (SBC-3 5.25).
+        // A power condition makes START and LOEJ ignored (SBC-3, START STOP UNIT).
         if b >> 4 != 0 || b & 0x02 == 0 {
             return good();
         }
@@ -448,7 +527,7 @@ impl CdUnit {
     }
 }
 
-/// LBA to MSF (MMC-6 table 619): 150 frames of pregap before LBA 0; minutes saturate
+/// LBA to MSF (MMC-6, MSF addressing): 150 frames of pregap before LBA 0; minutes saturate
 /// at 255 for media longer than MSF can express.
 fn lba_to_msf(lba: u64) -> [u8; 4] {
     let f = lba + 150;

@@ -16,7 +16,7 @@ pub struct DiskParams<'a> {
     pub size_bytes: u64,
     /// 512 or 4096.
     pub block_size: u32,
-    /// Reported as rotation rate 1 (SBC-3 6.6.2), so Linux marks the queue non-rotational.
+    /// Reported as rotation rate 1 (SBC-3), so Linux marks the queue non-rotational.
     pub nonrotational: bool,
     /// Thin provisioning: UNMAP and WRITE SAME with UNMAP become discards.
     pub discard: bool,
@@ -104,6 +104,9 @@ impl DiskUnit {
             op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => {
                 self.read_write(cdb, Some(data_out))
             }
+            op::VERIFY_10 => self.verify(cdb, cdb.be32(2), cdb.be16(7)),
+            op::VERIFY_12 => self.verify(cdb, cdb.be32(2), cdb.be32(6)),
+            op::VERIFY_16 => self.verify(cdb, cdb.be64(2), cdb.be32(10)),
             op::SYNCHRONIZE_CACHE_10 => self.synchronize_cache(cdb.be32(2), cdb.be16(7)),
             op::SYNCHRONIZE_CACHE_16 => self.synchronize_cache(cdb.be64(2), cdb.be32(10)),
             op::WRITE_SAME_10 => self.write_same(cdb, cdb.be32(2), cdb.be16(7), data_out),
@@ -111,7 +114,7 @@ impl DiskUnit {
             op::UNMAP => self.unmap(cdb, data_out),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::MODE_SELECT_6 | op::MODE_SELECT_10 => self.mode_select(cdb, data_out),
-            // Nothing spins; a fixed disk has no medium to lock or eject (SBC-3 5.25, 5.7).
+            // Nothing spins, and a fixed disk has no medium to lock or eject (SBC-3).
             op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => good(),
             other => {
                 tracing::debug!(opcode = other, "SCSI disk: unsupported command");
@@ -136,7 +139,7 @@ impl DiskUnit {
         })
     }
 
-    /// VPD B0, Block Limits (SBC-3 6.6.3), the body after the 4-byte header.
+    /// VPD B0, Block Limits (SBC-3), the body after the 4-byte header.
     fn block_limits(&self) -> Vec<u8> {
         let mut b = vec![0u8; 0x3c];
         // WSNZ: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 ("to the end") is refused.
@@ -155,7 +158,7 @@ impl DiskUnit {
         b
     }
 
-    /// VPD B1, Block Device Characteristics (SBC-3 6.6.2): rotation rate 1 means
+    /// VPD B1, Block Device Characteristics (SBC-3): rotation rate 1 means
     /// non-rotating medium, 0 "not reported".
     fn characteristics(&self) -> Vec<u8> {
         let mut b = vec![0u8; 0x3c];
@@ -163,7 +166,7 @@ impl DiskUnit {
         b
     }
 
-    /// VPD B2, Logical Block Provisioning (SBC-3 6.6.4): LBPU (UNMAP), LBPWS and LBPWS10
+    /// VPD B2, Logical Block Provisioning (SBC-3): LBPU (UNMAP), LBPWS and LBPWS10
     /// (WRITE SAME 16/10 with UNMAP), provisioning type 2 (thin) when discard is on. LBPRZ
     /// stays 0: a discarded range of a differencing image may read the parent's data.
     fn provisioning(&self) -> Vec<u8> {
@@ -175,7 +178,7 @@ impl DiskUnit {
     }
 
     fn read_capacity_10(&self, cdb: &Cdb) -> CmdResult {
-        // SBC-3 5.16: with PMI 0 the LOGICAL BLOCK ADDRESS field must be 0.
+        // SBC-3, READ CAPACITY (10): with PMI 0 the LOGICAL BLOCK ADDRESS field must be 0.
         if cdb.byte(8) & 1 == 0 && cdb.be32(2) != 0 {
             return Err(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -186,7 +189,7 @@ impl DiskUnit {
         data_in(d, 8)
     }
 
-    /// SBC-3 5.16: 32 bytes; LBPME tells Linux the unit is thin provisioned.
+    /// SBC-3, READ CAPACITY (16): 32 bytes; LBPME tells Linux the unit is thin provisioned.
     fn read_capacity_16(&self, cdb: &Cdb) -> CmdResult {
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&self.blocks.saturating_sub(1).to_be_bytes());
@@ -200,7 +203,7 @@ impl DiskUnit {
     fn read_write(&self, cdb: &Cdb, data_out: Option<&mut dyn DataOut>) -> CmdResult {
         let (lba, count) = cdb.lba_and_length().ok_or(Sense::INVALID_OPCODE)?;
         let six = matches!(cdb.opcode(), op::READ_6 | op::WRITE_6);
-        // RDPROTECT/WRPROTECT: this unit has no protection information (SBC-3 5.12).
+        // RDPROTECT/WRPROTECT: this unit has no protection information (SBC-3, READ (10)).
         if !six && cdb.byte(1) & 0xe0 != 0 {
             return Err(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -231,7 +234,18 @@ impl DiskUnit {
         }))
     }
 
-    /// SBC-3 5.22: count 0 means from `lba` to the end of the medium.
+    /// VERIFY without BYTCHK (SBC-3) asks whether the blocks are readable; an image has no
+    /// media defects to find, so only the range is checked (Windows' IOCTL_DISK_VERIFY).
+    fn verify(&self, cdb: &Cdb, lba: u64, count: u64) -> CmdResult {
+        // VRPROTECT (no protection information) and BYTCHK (compare with Data-Out).
+        if cdb.byte(1) & 0xe6 != 0 {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        check_range(lba, count, self.blocks)?;
+        good()
+    }
+
+    /// SBC-3, SYNCHRONIZE CACHE: count 0 means from `lba` to the end of the medium.
     fn synchronize_cache(&self, lba: u64, count: u64) -> CmdResult {
         check_range(lba, count, self.blocks)?;
         if self.read_only {
@@ -246,7 +260,7 @@ impl DiskUnit {
         }))
     }
 
-    /// WRITE SAME 10/16 (SBC-3 5.42, 5.43) for zero blocks only: with UNMAP on a thin unit a
+    /// WRITE SAME 10/16 (SBC-3) for zero blocks only: with UNMAP on a thin unit a
     /// discard (Linux sends it for discards when LBPWS is set), otherwise writing zeroes.
     fn write_same(&self, cdb: &Cdb, lba: u64, count: u64, data_out: &mut dyn DataOut) -> CmdResult {
         let flags = cdb.byte(1);
@@ -288,7 +302,7 @@ impl DiskUnit {
         }))
     }
 
-    /// UNMAP (SBC-3 5.28): an 8-byte header and 16-byte block descriptors in Data-Out.
+    /// UNMAP (SBC-3): an 8-byte header and 16-byte block descriptors in Data-Out.
     fn unmap(&self, cdb: &Cdb, data_out: &mut dyn DataOut) -> CmdResult {
         if !self.discard {
             tracing::debug!("SCSI disk: UNMAP without discard=on");
@@ -355,7 +369,7 @@ impl DiskUnit {
         p
     }
 
-    /// Control page (SPC-4 7.5.8): queue algorithm modifier 1 (unrestricted reordering),
+    /// Control page (SPC-4): queue algorithm modifier 1 (unrestricted reordering),
     /// fixed-format sense (D_SENSE 0). Nothing in it is changeable.
     fn control_page(&self, pc: PageControl) -> Vec<u8> {
         let mut p = vec![0u8; 12];
@@ -375,8 +389,9 @@ impl DiskUnit {
             ALL_PAGES => [self.caching_page(req.pc), self.control_page(req.pc)].concat(),
             _ => return Err(Sense::INVALID_FIELD_IN_CDB),
         };
-        // Device-specific parameter (SBC-3 6.4.1): WP, and DPOFUA since FUA is honoured.
-        let specific = if self.read_only { 0x80 } else { 0 } | 0x10;
+        // Device-specific parameter (SBC-3 mode parameter header): WP, and DPOFUA since
+        // FUA is honoured.
+        let specific = (u8::from(self.read_only) << 7) | 0x10;
         let data = req.build(specific, Some((self.blocks, self.block_size)), &pages);
         data_in(data, req.alloc)
     }
@@ -391,7 +406,7 @@ impl DiskUnit {
         {
             return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
-        // Check every page before applying any (SPC-4 6.11: none or all).
+        // Check every page before applying any (SPC-4, MODE SELECT: none or all).
         let mut write_cache = self.write_cache;
         for (code, page) in &list.pages {
             match *code {

@@ -1,4 +1,4 @@
-//! INQUIRY (SPC-4 6.6): standard data and the vital product data pages every unit has
+//! INQUIRY (SPC-4): standard data and the vital product data pages every unit has
 //! (00 supported pages, 80 serial number, 83 device identification). Units add their own
 //! pages (the disk's B0/B1/B2) through `extra`.
 
@@ -6,7 +6,7 @@ use super::cdb::Cdb;
 use super::sense::Sense;
 use super::{data_in, CmdResult};
 
-/// Who a unit says it is, space-padded as INQUIRY wants (SPC-4 4.4.1).
+/// Who a unit says it is, space-padded as INQUIRY wants (SPC-4, ASCII data).
 #[derive(Debug, Clone)]
 pub struct Identity {
     vendor: [u8; 8],
@@ -17,7 +17,7 @@ pub struct Identity {
     wwn: u64,
 }
 
-/// Printable ASCII only (SPC-4 4.4.1); anything else becomes a space.
+/// Printable ASCII only (SPC-4, ASCII data); anything else becomes a space.
 fn ascii(s: &str) -> impl Iterator<Item = u8> + '_ {
     s.bytes()
         .map(|b| if (0x20..0x7f).contains(&b) { b } else { b' ' })
@@ -43,12 +43,16 @@ pub struct DeviceType {
 
 impl Identity {
     pub fn new(vendor: &str, product: &str, serial: &str, wwn: u64) -> Self {
-        // VPD 80's page length is one byte in older SPC versions; 250 serves every reader.
-        let serial: Vec<u8> = ascii(serial.trim()).take(250).collect();
+        // VPD 83's T10 designator holds vendor + serial in a one-byte length.
+        let serial: Vec<u8> = ascii(serial.trim()).take(240).collect();
         Self {
             vendor: padded(vendor),
             product: padded(product),
-            revision: padded(env!("CARGO_PKG_VERSION")),
+            revision: padded(concat!(
+                env!("CARGO_PKG_VERSION_MAJOR"),
+                ".",
+                env!("CARGO_PKG_VERSION_MINOR")
+            )),
             serial,
             wwn,
         }
@@ -95,7 +99,7 @@ pub fn execute(
     data_in(data, alloc)
 }
 
-/// Standard INQUIRY data, 36 bytes (SPC-4 6.6.2).
+/// Standard INQUIRY data, 36 bytes (SPC-4, INQUIRY).
 fn standard(id: &Identity, dev: DeviceType) -> Vec<u8> {
     let mut d = vec![0u8; 36];
     d[0] = dev.peripheral_type & 0x1f;
@@ -112,8 +116,8 @@ fn standard(id: &Identity, dev: DeviceType) -> Vec<u8> {
     d
 }
 
-/// VPD 83 (SPC-4 7.8.6): an NAA designator when a WWN is set, and a T10 vendor ID one
-/// (vendor + serial) that Linux's /dev/disk/by-id uses when there is no NAA.
+/// VPD 83 (SPC-4 Device Identification): an NAA designator when a WWN is set, and a T10
+/// vendor ID one (vendor + serial) that Linux's /dev/disk/by-id uses when there is no NAA.
 fn identification(id: &Identity) -> Vec<u8> {
     let mut d = Vec::new();
     if id.wwn != 0 {
@@ -129,7 +133,7 @@ fn identification(id: &Identity) -> Vec<u8> {
     d
 }
 
-/// INQUIRY to a LUN with no unit: peripheral qualifier 3, type 1Fh (SPC-4 6.6.2).
+/// INQUIRY to a LUN with no unit: peripheral qualifier 3, type 1Fh (SPC-4, INQUIRY).
 pub fn missing_lun(cdb: &Cdb) -> CmdResult {
     const NO_DEVICE: u8 = 0x7f;
     let alloc = cdb.be16(3);

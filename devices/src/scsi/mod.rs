@@ -14,6 +14,14 @@
 //! ScsiTarget::reset(&mut self)                          // bus/target reset: UA 29/00 again
 //! ScsiTarget::execute(&mut self, lun, cdb: &[u8], data_out: &mut dyn DataOut) -> ScsiResult
 //! ScsiTarget::io_done(&mut self, lun, io: &MediumIo, result: Result<(), IoFailure>) -> Completion
+//!
+//! DiskUnit::new(DiskParams { size_bytes, block_size, nonrotational, discard, read_only,
+//!                            write_cache, vendor, product, serial, wwn })
+//!     -> Result<DiskUnit, ScsiError>
+//! DiskUnit::write_cache_enabled(&self) -> bool      // the guest's caching page WCE
+//! CdUnit::new(CdParams { vendor, product, serial, atapi }) -> CdUnit   // empty drive
+//! CdUnit::insert(&mut self, size_bytes) / eject() / request_eject() -> bool / is_loaded()
+//! LogicalUnit::{Disk(DiskUnit), Cd(CdUnit)}, as_disk_mut(), as_cd_mut(), reset()
 //! ```
 //!
 //! `execute` returns either a finished [`Completion`] (status, sense, Data-In already cut to
@@ -25,8 +33,9 @@
 //! A CHECK CONDITION completion carries its sense (autosense); the same sense stays available
 //! to one following REQUEST SENSE for initiators without autosense (ATAPI).
 //!
-//! Every unit starts with a POWER ON/RESET unit attention (06/29/00), reported once. A CD
-//! unit adds MEDIUM CHANGED (06/28/00) when a medium is inserted or the guest closes the tray.
+//! Every unit starts with a POWER ON/RESET unit attention (06/29/00), reported once; so does
+//! `reset`. A CD unit adds MEDIUM CHANGED (06/28/00) when a medium is inserted or the guest
+//! closes the tray on one, unless a POWER ON/RESET is still pending (it covers that).
 
 mod cdb;
 mod cdrom;
@@ -46,7 +55,7 @@ pub use sense::{key as sense_key, ScsiStatus, Sense};
 use cdb::{op, Cdb};
 use sense::SenseState;
 
-/// The highest LUN REPORT LUNS can describe with flat space addressing (SAM-5 4.7.7).
+/// The highest LUN REPORT LUNS can describe with flat space addressing (SAM-5, LUN addressing).
 pub const MAX_LUN: u16 = 0x3fff;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -156,7 +165,8 @@ pub struct MediumIo {
 pub enum IoFailure {
     /// EIO: MEDIUM ERROR (03/11/00 on reads, 03/0C/00 otherwise).
     Medium,
-    /// ENOSPC: DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07, SBC-3 4.7.3.6).
+    /// ENOSPC: DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07, SBC-3 thin
+    /// provisioning).
     NoSpace,
     /// Anything else: HARDWARE ERROR / INTERNAL TARGET FAILURE (04/44/00).
     Other,
@@ -181,6 +191,21 @@ fn good() -> CmdResult {
 }
 
 impl LogicalUnit {
+    pub fn as_disk_mut(&mut self) -> Option<&mut DiskUnit> {
+        match self {
+            LogicalUnit::Disk(d) => Some(d),
+            LogicalUnit::Cd(_) => None,
+        }
+    }
+
+    /// For the host's medium changes: `insert`, `eject`, `request_eject`.
+    pub fn as_cd_mut(&mut self) -> Option<&mut CdUnit> {
+        match self {
+            LogicalUnit::Cd(c) => Some(c),
+            LogicalUnit::Disk(_) => None,
+        }
+    }
+
     fn sense_state(&mut self) -> &mut SenseState {
         match self {
             LogicalUnit::Disk(d) => &mut d.sense,
@@ -195,8 +220,8 @@ impl LogicalUnit {
         }
     }
 
-    /// Bus, target or LUN reset (SAM-5 6.3): a fresh POWER ON/RESET unit attention, and
-    /// medium removal allowed again (SPC-4 6.13).
+    /// Bus, target or LUN reset (SAM-5): a fresh POWER ON/RESET unit attention, and
+    /// medium removal allowed again (SPC-4, PREVENT ALLOW MEDIUM REMOVAL).
     pub fn reset(&mut self) {
         self.sense_state().raise(Sense::POWER_ON_RESET);
         if let LogicalUnit::Cd(c) = self {
@@ -226,9 +251,10 @@ impl LogicalUnit {
         if opcode == op::REQUEST_SENSE {
             return self.request_sense(cdb);
         }
-        // SPC-4 5.14: a pending unit attention fails the next command, except INQUIRY,
-        // REPORT LUNS and REQUEST SENSE; MMC-6 4.1.6.1 adds GET CONFIGURATION and GET EVENT
-        // STATUS NOTIFICATION (as QEMU's ATAPI does with ALLOW_UA).
+        // SPC-4 (unit attention condition): a pending unit attention fails the next command,
+        // except INQUIRY, REPORT LUNS and REQUEST SENSE; a CD/DVD unit also lets GET
+        // CONFIGURATION and GET EVENT STATUS NOTIFICATION through, as QEMU's ATAPI does
+        // (ALLOW_UA), so a guest polling for media events sees NEW MEDIA first.
         let ua_exempt = match self {
             LogicalUnit::Disk(_) => matches!(opcode, op::INQUIRY | op::REPORT_LUNS),
             LogicalUnit::Cd(_) => matches!(
@@ -254,7 +280,7 @@ impl LogicalUnit {
         let descriptor = cdb.byte(1) & 1 != 0;
         let alloc = u64::from(cdb.byte(4));
         let not_ready = match self {
-            LogicalUnit::Cd(c) if !c.is_loaded() => Some(Sense::MEDIUM_NOT_PRESENT),
+            LogicalUnit::Cd(c) if !c.is_loaded() => Some(c.not_ready()),
             _ => None,
         };
         let sense = self
@@ -332,7 +358,7 @@ impl ScsiTarget {
     }
 
     pub fn execute(&mut self, lun: u16, cdb: &[u8], data_out: &mut dyn DataOut) -> ScsiResult {
-        // SPC-4 6.33: REPORT LUNS describes the whole target, whichever LUN it is sent to.
+        // SPC-4, REPORT LUNS: it describes the whole target, whichever LUN it is sent to.
         if cdb.first() == Some(&op::REPORT_LUNS) {
             let result = Cdb::parse(cdb).and_then(|c| self.report_luns(&c));
             return result.unwrap_or_else(|s| ScsiResult::Complete(Completion::check(s)));
@@ -359,11 +385,11 @@ impl ScsiTarget {
         }
     }
 
-    /// SPC-4 6.33. LUNs below 256 use peripheral device addressing, the rest flat space
-    /// addressing (SAM-5 4.7), as Linux's int_to_scsilun() expects.
+    /// SPC-4, REPORT LUNS. LUNs below 256 use peripheral device addressing, the rest flat space
+    /// addressing (SAM-5), as Linux's int_to_scsilun() expects.
     fn report_luns(&self, cdb: &Cdb) -> CmdResult {
         let alloc = cdb.be32(6);
-        // SPC-4 6.33: an allocation length below 4 cannot hold the list length.
+        // SPC-4, REPORT LUNS: an allocation length below 4 cannot hold the list length.
         if alloc < 4 {
             return Err(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -389,8 +415,8 @@ impl ScsiTarget {
     }
 }
 
-/// A LUN with no unit: SPC-4 6.6.2 says INQUIRY answers with peripheral qualifier 3 (not
-/// capable of supporting a device at this LUN), and 6.39 that REQUEST SENSE returns GOOD
+/// A LUN with no unit: SPC-4 says INQUIRY answers with peripheral qualifier 3 (not
+/// capable of supporting a device at this LUN), and REQUEST SENSE returns GOOD
 /// with LOGICAL UNIT NOT SUPPORTED in its data; everything else fails with that sense.
 fn missing_lun(cdb: &Cdb) -> CmdResult {
     match cdb.opcode() {

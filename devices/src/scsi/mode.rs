@@ -1,11 +1,11 @@
-//! MODE SENSE and MODE SELECT 6/10 (SPC-4 6.11-6.14, 7.5): headers, block descriptors,
+//! MODE SENSE and MODE SELECT 6/10 (SPC-4): headers, block descriptors,
 //! and the walk over pages. Which pages exist and what may change is the unit's business.
 
 use super::cdb::{op, Cdb};
 use super::sense::Sense;
 use super::{read_params, DataOut};
 
-/// Page code asking for every page (SPC-4 7.5.1).
+/// Page code asking for every page (SPC-4).
 pub const ALL_PAGES: u8 = 0x3f;
 
 /// Page control field of MODE SENSE.
@@ -57,7 +57,8 @@ impl SenseRequest {
         })
     }
 
-    /// Header, optional block descriptor (`blocks`, `block_len`; SBC-3 6.4.2) and pages.
+    /// Header, optional block descriptor (`blocks`, `block_len`; SBC-3 short and long LBA
+    /// forms) and pages.
     pub fn build(
         &self,
         device_specific: u8,
@@ -171,7 +172,7 @@ pub fn parse_select(cdb: &Cdb, data_out: &mut dyn DataOut) -> Result<SelectList,
 }
 
 /// Applies a page the guest sent: only bits in `changeable` may differ from `current`
-/// (SPC-4 6.11, otherwise INVALID FIELD IN PARAMETER LIST); the PS bit is ignored.
+/// (SPC-4, MODE SELECT; otherwise INVALID FIELD IN PARAMETER LIST); the PS bit is ignored.
 pub fn apply_page(current: &[u8], changeable: &[u8], sent: &[u8]) -> Result<Vec<u8>, Sense> {
     if sent.len() != current.len() || changeable.len() != current.len() {
         return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST);

@@ -1,9 +1,9 @@
-//! Status codes and sense data (SPC-4 4.5), and the per-unit record of what REQUEST SENSE
+//! Status codes and sense data (SPC-4), and the per-unit record of what REQUEST SENSE
 //! reports: the sense of the last failed command and the queued unit attentions.
 
 use std::collections::VecDeque;
 
-/// SCSI status byte (SAM-5 5.3).
+/// SCSI status byte (SAM-5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ScsiStatus {
@@ -23,7 +23,7 @@ impl ScsiStatus {
     }
 }
 
-/// Sense keys (SPC-4 table 45).
+/// Sense keys (SPC-4).
 pub mod key {
     pub const NO_SENSE: u8 = 0x00;
     pub const NOT_READY: u8 = 0x02;
@@ -71,7 +71,7 @@ impl Sense {
     pub const MEDIUM_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x28, 0x00);
     pub const POWER_ON_RESET: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x00);
     pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
-    /// SBC-3 4.7.3.6: a thin-provisioned unit that ran out of space.
+    /// SBC-3 thin provisioning: a thin-provisioned unit that ran out of space.
     pub const SPACE_ALLOCATION_FAILED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x07);
     /// The Data-Out buffer is shorter than the CDB says (the transport owns the data phase).
     pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
@@ -83,7 +83,7 @@ impl Sense {
         }
     }
 
-    /// Fixed-format sense data (SPC-4 4.5.3), 18 bytes. The INFORMATION field is valid only
+    /// Fixed-format sense data (SPC-4), 18 bytes. The INFORMATION field is valid only
     /// when the value fits its 4 bytes.
     pub fn fixed_format(&self) -> [u8; 18] {
         let mut b = [0u8; 18];
@@ -99,7 +99,7 @@ impl Sense {
         b
     }
 
-    /// Descriptor-format sense data (SPC-4 4.5.2), with an INFORMATION descriptor when set.
+    /// Descriptor-format sense data (SPC-4), with an INFORMATION descriptor when set.
     pub fn descriptor_format(&self) -> Vec<u8> {
         let mut b = vec![0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0];
         if let Some(info) = self.info {
@@ -132,11 +132,13 @@ impl SenseState {
     }
 
     pub fn raise(&mut self, ua: Sense) {
-        if self.attentions.contains(&ua) {
+        // A pending reset already tells the initiator that anything may have changed
+        // (a CD inserted at power-on reports 06/29/00 only, as a real drive does).
+        if self.attentions.contains(&ua) || self.attentions.contains(&Sense::POWER_ON_RESET) {
             return;
         }
         if ua == Sense::POWER_ON_RESET {
-            // SPC-4 6.x: a reset supersedes every other pending unit attention.
+            // A reset supersedes every other pending unit attention: it implies them all.
             self.attentions.clear();
         }
         if self.attentions.len() < MAX_ATTENTIONS {
@@ -153,7 +155,7 @@ impl SenseState {
     }
 
     /// REQUEST SENSE: the last command's sense, else a unit attention (reporting it clears
-    /// it, SPC-4 5.12), else None.
+    /// it, SPC-4 REQUEST SENSE), else None.
     pub fn take_for_request_sense(&mut self) -> Option<Sense> {
         self.last.take().or_else(|| self.attentions.pop_front())
     }

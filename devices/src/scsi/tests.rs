@@ -174,7 +174,14 @@ fn disk_standard_inquiry() {
     assert_eq!(d[..8], [0x00, 0x00, 0x06, 0x12, 31, 0, 0, 0x02]);
     assert_eq!(d[8..16], pad::<8>("FERRY"));
     assert_eq!(d[16..32], pad::<16>("HARDDISK"));
-    assert_eq!(d[32..36], pad::<4>(env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        d[32..36],
+        pad::<4>(concat!(
+            env!("CARGO_PKG_VERSION_MAJOR"),
+            ".",
+            env!("CARGO_PKG_VERSION_MINOR")
+        ))
+    );
     // Allocation length truncation.
     assert_eq!(data(&mut t, 0, &inquiry(false, 0, 5)), d[..5]);
     assert!(data(&mut t, 0, &inquiry(false, 0, 0)).is_empty());
@@ -643,10 +650,9 @@ fn mode_select_write_cache() {
     let cdb = [0x15, 0x10, 0, 0, list.len() as u8, 0];
     assert!(complete(run(&mut t, 0, &cdb, &list)).data_in.is_empty());
     assert_eq!(data(&mut t, 0, &[0x1a, 0x08, 0x08, 0, 255, 0])[6], 0);
-    let LogicalUnit::Disk(d) = t.unit_mut(0).unwrap() else {
-        panic!()
-    };
+    let d = t.unit_mut(0).and_then(LogicalUnit::as_disk_mut).unwrap();
     assert!(!d.write_cache_enabled());
+    assert_eq!((d.blocks(), d.block_size()), (GIB / 512, 512));
     // With the cache off, writes are FUA.
     assert!(io(&mut t, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0; 512]).fua);
     // MODE SELECT 10 turns it back on; the PS bit is ignored.
@@ -843,6 +849,19 @@ fn disk_misc_commands() {
     let mut t = disk_target(params(GIB, 512));
     assert!(data(&mut t, 0, &[0x1b, 0, 0, 0, 1, 0]).is_empty());
     assert!(data(&mut t, 0, &[0x1e, 0, 0, 0, 1, 0]).is_empty());
+    // VERIFY checks the range only; BYTCHK is not supported.
+    assert!(data(&mut t, 0, &[0x2f, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]).is_empty());
+    assert!(data(&mut t, 0, &[0xaf, 0, 0, 0x1f, 0xff, 0xff, 0, 0, 0, 1, 0, 0]).is_empty());
+    let mut v16 = [0u8; 16];
+    v16[0] = 0x8f;
+    v16[9] = 0x20;
+    v16[2..10].copy_from_slice(&(GIB / 512).to_be_bytes());
+    v16[13] = 1;
+    assert_eq!(check(&mut t, 0, &v16), Sense::LBA_OUT_OF_RANGE);
+    assert_eq!(
+        check(&mut t, 0, &[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 1, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
 }
 
 // ---- CD/DVD ----
@@ -850,10 +869,7 @@ fn disk_misc_commands() {
 const MIB: u64 = 1 << 20;
 
 fn cd(t: &mut ScsiTarget) -> &mut CdUnit {
-    match t.unit_mut(0) {
-        Some(LogicalUnit::Cd(c)) => c,
-        _ => panic!("no CD at LUN 0"),
-    }
+    t.unit_mut(0).and_then(LogicalUnit::as_cd_mut).unwrap()
 }
 
 /// A CD unit with a `size`-byte medium and the attentions consumed.
@@ -931,14 +947,19 @@ fn cd_insert_attention_and_events() {
     assert!(!cd(&mut t).is_loaded());
     cd(&mut t).insert(600 * MIB);
     assert!(cd(&mut t).is_loaded());
-    // GET EVENT STATUS NOTIFICATION is not blocked by unit attentions (MMC-6 4.1.6.1).
+    // GET EVENT STATUS NOTIFICATION is not blocked by unit attentions.
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 2, 0x02, 0, 0]);
     assert_eq!(data(&mut t, 0, &gesn()), [0, 6, 4, 0x10, 0, 0x02, 0, 0]);
-    // Power on first, then medium changed, each once.
+    // Power on covers the medium inserted before the guest looked.
     assert_eq!(check(&mut t, 0, &[0; 6]), Sense::POWER_ON_RESET);
-    let s = check(&mut t, 0, &[0; 6]);
+    data(&mut t, 0, &[0; 6]);
+    // A later insert: MEDIUM CHANGED once.
+    cd(&mut t).eject();
+    cd(&mut t).insert(600 * MIB);
+    let s = check(&mut t, 0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!((s.key, s.asc, s.ascq), (0x06, 0x28, 0x00));
     data(&mut t, 0, &[0; 6]);
+    assert_eq!(data(&mut t, 0, &gesn())[4..6], [2, 0x02]);
     // Not polled: invalid; no media class asked: No Event Available.
     assert_eq!(
         check(&mut t, 0, &[0x4a, 0, 0, 0, 0x10, 0, 0, 0, 8, 0]),
@@ -977,6 +998,11 @@ fn cd_eject_with_prevent() {
     assert_eq!(data(&mut t, 0, &gesn())[4..6], [3, 0x01]);
     let s = check(&mut t, 0, &[0; 6]);
     assert_eq!((s.key, s.asc, s.ascq), (0x02, 0x3a, 0x02));
+    data(&mut t, 0, &[0x1e, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        data(&mut t, 0, &[0x03, 0, 0, 0, 18, 0])[12..14],
+        [0x3a, 0x02]
+    );
     assert_eq!(
         data(&mut t, 0, &[0xbd, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0])[1],
         0x10
@@ -1047,8 +1073,9 @@ fn cd_capacity_and_reads() {
 
 #[test]
 fn cd_read_toc_600mb() {
-    let mut t = loaded_cd(600 * MIB); // 307200 blocks
-                                      // Format 0, MSF: track 1 at 00:02:00, lead-out at 307200 + 150 frames = 68:18:00.
+    // 600 MiB: 307200 blocks.
+    let mut t = loaded_cd(600 * MIB);
+    // Format 0, MSF: track 1 at 00:02:00, lead-out at 307200 + 150 frames = 68:18:00.
     assert_eq!(
         data(&mut t, 0, &[0x43, 0x02, 0, 0, 0, 0, 0, 0x03, 0x24, 0]),
         [0, 18, 1, 1, 0, 0x14, 1, 0, 0, 0, 2, 0, 0, 0x14, 0xaa, 0, 0, 68, 18, 0]
@@ -1171,5 +1198,84 @@ fn cd_disc_information_and_mode_sense() {
     assert_eq!(
         check(&mut t, 0, &[0x5a, 0, 0x08, 0, 0, 0, 0, 0, 255, 0]),
         Sense::INVALID_FIELD_IN_CDB
+    );
+}
+
+#[test]
+fn long_and_odd_identity_strings() {
+    let mut p = params(GIB, 512);
+    p.serial = "A".repeat(300);
+    p.vendor = "VENDOR-NAME-TOO-LONG";
+    p.product = "caf\u{e9}\n";
+    p.wwn = 0;
+    let mut t = disk_target(p);
+    let d = data(&mut t, 0, &inquiry(false, 0, 36));
+    assert_eq!(d[8..16], *b"VENDOR-N");
+    assert_eq!(d[16..32], pad::<16>("caf   "));
+    let d = data(&mut t, 0, &inquiry(true, 0x80, 1024));
+    assert_eq!(d[2..4], [0, 240]);
+    let d = data(&mut t, 0, &inquiry(true, 0x83, 1024));
+    assert_eq!(d[2..8], [0, 252, 0x02, 0x01, 0, 248]);
+    assert_eq!(d.len(), 256);
+}
+
+#[test]
+fn cd_track_information_and_dvd_structures() {
+    let mut t = loaded_cd(600 * MIB);
+    let mut want = vec![0, 34, 1, 1, 0, 0x04, 0x01, 0];
+    want.extend_from_slice(&[0; 16]);
+    want.extend_from_slice(&307200u32.to_be_bytes());
+    want.extend_from_slice(&307199u32.to_be_bytes());
+    want.extend_from_slice(&[0; 4]);
+    assert_eq!(data(&mut t, 0, &[0x52, 1, 0, 0, 0, 1, 0, 0, 36, 0]), want);
+    assert_eq!(
+        data(&mut t, 0, &[0x52, 0, 0, 0, 0x10, 0, 0, 0, 36, 0]),
+        want
+    );
+    assert_eq!(
+        data(&mut t, 0, &[0x52, 2, 0, 0, 0, 1, 0, 0, 8, 0]),
+        want[..8]
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0x52, 1, 0, 0, 0, 2, 0, 0, 36, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0x52, 0, 0, 0x04, 0xb0, 0, 0, 0, 36, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    // DVD structures of a CD: incompatible format.
+    let s = check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x04, 0, 0]);
+    assert_eq!((s.key, s.asc, s.ascq), (0x02, 0x30, 0x02));
+
+    let mut t = loaded_cd(4 << 30); // 2097152 blocks
+    let d = data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x04, 0, 0]);
+    assert_eq!(d.len(), 2052);
+    assert_eq!(d[..8], [0x08, 0x02, 0, 0, 0x01, 0x0f, 0x01, 0]);
+    assert_eq!(
+        d[8..20],
+        [0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0, 0x1f, 0xff, 0xff]
+    );
+    assert!(d[20..].iter().all(|b| *b == 0));
+    assert_eq!(
+        data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 0]),
+        [0, 6, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(
+        data(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0xff, 0, 64, 0, 0]),
+        [0, 14, 0, 0, 0x00, 0x40, 0x08, 0x04, 0x01, 0x40, 0, 8, 0xff, 0x40, 0, 16]
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 1, 0, 0, 64, 0, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 1, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    cd(&mut t).eject();
+    assert_eq!(
+        check(&mut t, 0, &[0xad, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+        Sense::MEDIUM_NOT_PRESENT
     );
 }
