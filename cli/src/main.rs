@@ -1,5 +1,6 @@
 //! `ferry`: the command line.
 
+mod medium;
 mod run;
 mod size;
 
@@ -21,6 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    /// Create, inspect, convert and maintain disk images.
+    Medium(medium::MediumArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Medium(args) => medium::run(args),
     }
 }
 

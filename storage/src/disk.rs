@@ -86,6 +86,12 @@ impl Disk {
         self.layers[0].virtual_size()
     }
 
+    /// What the layers from index `from` down read (zeros below the base): the reference a
+    /// copy into a differencing layer compares against.
+    pub fn lower(&self, from: usize) -> impl LowerLayers + Sync + '_ {
+        Below { disk: self, from }
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<()> {
         crate::error::check_range(self.layers[0].path(), offset, len as u64, self.size())
     }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod host_file;
 pub mod iso;
 pub mod layer;
+pub mod medium;
 pub mod parallels;
 pub mod probe;
 pub mod raw;
@@ -19,8 +20,8 @@ pub use disk::Disk;
 pub use error::{Result, StorageError};
 pub use host_file::{HostFile, LocalFile};
 pub use layer::{
-    Allocation, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer, LowerLayers,
-    NoLowerLayers, ParentRef, Variant,
+    Allocation, BlockTable, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer,
+    LowerLayers, NoLowerLayers, ParentRef, Variant,
 };
 pub use probe::{create_image, open_image, FORMATS};
 pub use uuid::Uuid;

@@ -1,0 +1,261 @@
+//! The copy engine under clone, compact, resize and merge: reads a source's ranges on
+//! several threads, drops all-zero grains (holes stay holes), and writes what is left into a
+//! target layer in order, on the calling thread (layers serialize writes on their own lock, and
+//! streamOptimized VMDKs must be written front to back).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
+
+use crate::error::Result;
+use crate::layer::{Layer, LowerLayers};
+
+/// Unit of work: a piece read by one thread and written in one go (a multiple of every
+/// format's block size up to VHD's 2 MiB, so pieces start on block boundaries).
+pub const PIECE: u64 = 2 << 20;
+/// Zero detection granularity: the smallest block any format allocates (a VMDK grain).
+pub const GRAIN: usize = 64 << 10;
+
+/// Where a copy reads from.
+pub struct Source<'a> {
+    /// Reads the source's content (holes read as zeros).
+    pub read: &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync),
+    /// The ranges that may hold data, in order, not overlapping; the rest is left a hole.
+    pub ranges: Vec<(u64, u64)>,
+    /// For a differencing target: what the target's parents read. An all-zero grain is then
+    /// written only where the parents are not zero there (the zeros hide their data).
+    pub below: Option<&'a (dyn LowerLayers + Sync)>,
+}
+
+/// Reports progress: the byte count to go through, then bytes done as they are done.
+pub trait Progress: Sync {
+    fn start(&self, _total: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+/// No progress output.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// What a copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes read from the source.
+    pub read: u64,
+    /// Bytes written to the target (all-zero grains not counted).
+    pub written: u64,
+}
+
+/// How many reader threads: every core (the writer mostly waits on them).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
+}
+
+struct Piece {
+    index: usize,
+    offset: u64,
+    buf: Vec<u8>,
+    /// (start, len) within `buf` to write.
+    runs: Vec<(usize, usize)>,
+}
+
+/// Pieces a reader may run ahead of the writer (bounds memory to about this many pieces).
+const WINDOW: usize = 16;
+
+/// Copies `src` into `dst` (writes go through `lower`, the target's copy-on-write source).
+pub fn copy(
+    src: &Source<'_>,
+    dst: &dyn Layer,
+    lower: &dyn LowerLayers,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<CopyStats> {
+    let pieces = split(&src.ranges);
+    progress.start(pieces.iter().map(|p| p.1).sum());
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    // How many pieces the writer has finished: readers stay within WINDOW of it.
+    let written = (Mutex::new(0usize), Condvar::new());
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(WINDOW);
+    let mut stats = CopyStats::default();
+
+    let result = std::thread::scope(|s| {
+        // Owned here so that an early return drops it and readers blocked on a full channel
+        // wake up and end.
+        let rx = rx;
+        for _ in 0..threads.max(1) {
+            let tx = tx.clone();
+            let (next, abort, written, pool, pieces) = (&next, &abort, &written, &pool, &pieces);
+            s.spawn(move || loop {
+                let index = next.fetch_add(1, Ordering::SeqCst);
+                if index >= pieces.len() || abort.load(Ordering::SeqCst) {
+                    return;
+                }
+                {
+                    let (lock, cv) = written;
+                    let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while index >= *done + WINDOW && !abort.load(Ordering::SeqCst) {
+                        done = cv.wait(done).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+                let (offset, len) = pieces[index];
+                let buf = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let piece = read_piece(src, index, offset, len as usize, buf);
+                let failed = piece.is_err();
+                if tx.send(piece).is_err() || failed {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let mut waiting: BTreeMap<usize, Piece> = BTreeMap::new();
+        let mut want = 0usize;
+        let fail = |e| {
+            abort.store(true, Ordering::SeqCst);
+            written.1.notify_all();
+            Err(e)
+        };
+        while want < pieces.len() {
+            let Ok(got) = rx.recv() else {
+                return fail(crate::error::StorageError::Invalid(
+                    "the copy's reader threads stopped early".into(),
+                ));
+            };
+            let piece = match got {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            stats.read += piece.buf.len() as u64;
+            waiting.insert(piece.index, piece);
+            while let Some(p) = waiting.remove(&want) {
+                for &(at, n) in &p.runs {
+                    if let Err(e) = dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower) {
+                        return fail(e);
+                    }
+                    stats.written += n as u64;
+                }
+                progress.advance(p.buf.len() as u64);
+                pool.lock().unwrap_or_else(|e| e.into_inner()).push(p.buf);
+                want += 1;
+                *written.0.lock().unwrap_or_else(|e| e.into_inner()) = want;
+                written.1.notify_all();
+            }
+        }
+        Ok(())
+    });
+    progress.finish();
+    result.map(|()| stats)
+}
+
+/// Cuts ranges into pieces that start on PIECE boundaries.
+fn split(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(start, len) in ranges {
+        let end = start + len;
+        let mut off = start;
+        while off < end {
+            let stop = ((off / PIECE + 1) * PIECE).min(end);
+            out.push((off, stop - off));
+            off = stop;
+        }
+    }
+    out
+}
+
+fn read_piece(
+    src: &Source<'_>,
+    index: usize,
+    offset: u64,
+    len: usize,
+    buf: Option<Vec<u8>>,
+) -> Result<Piece> {
+    let mut buf = buf.unwrap_or_default();
+    buf.resize(len, 0);
+    (src.read)(&mut buf, offset)?;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut below_buf = Vec::new();
+    // Grains are aligned to the disk, not to the piece, so that a hole in the source stays
+    // a hole at the same place in the target.
+    let mut at = 0usize;
+    while at < len {
+        let disk_off = offset + at as u64;
+        let n = (GRAIN - (disk_off % GRAIN as u64) as usize).min(len - at);
+        let grain = &buf[at..at + n];
+        let keep = !is_zero(grain)
+            || match src.below {
+                Some(below) => {
+                    below_buf.resize(n, 0);
+                    below.read_at(&mut below_buf, disk_off)?;
+                    !is_zero(&below_buf)
+                }
+                None => false,
+            };
+        if keep {
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == at => *l += n,
+                _ => runs.push((at, n)),
+            }
+        }
+        at += n;
+    }
+    Ok(Piece {
+        index,
+        offset,
+        buf,
+        runs,
+    })
+}
+
+/// Whether `buf` is all zeros (OR-folded so the compiler vectorizes it).
+pub fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// The ranges a layer itself holds (data or explicit zeros), below `limit`.
+pub fn layer_ranges(layer: &dyn Layer, limit: u64) -> Result<Vec<(u64, u64)>> {
+    let size = layer.virtual_size().min(limit);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let (state, run) = layer.block_status(off, size - off)?;
+        let run = run.clamp(1, size - off);
+        if state != crate::layer::Allocation::Unallocated {
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += run,
+                _ => out.push((off, run)),
+            }
+        }
+        off += run;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_start_on_piece_boundaries() {
+        let p = split(&[(PIECE - 10, PIECE + 20), (5 * PIECE, 1)]);
+        assert_eq!(
+            p,
+            vec![
+                (PIECE - 10, 10),
+                (PIECE, PIECE),
+                (2 * PIECE, 10),
+                (5 * PIECE, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 10000]));
+        let mut b = vec![0u8; 10000];
+        b[9999] = 1;
+        assert!(!is_zero(&b));
+    }
+}
