@@ -34,6 +34,7 @@ integration:
 bench: deps
 	tests/bench/boot/run.sh
 	tests/bench/formats/run.sh
+	tests/bench/medium/run.sh
 
 clean:
 	cargo clean

@@ -153,6 +153,11 @@ pub trait Layer: Send + Sync {
     fn block_table(&self) -> Result<Option<BlockTable>> {
         Ok(None)
     }
+    /// Damage that opening tolerated (a redundant copy of a header with a bad checksum), for
+    /// `check`: one sentence each.
+    fn metadata_problems(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A layer's block table as host offsets, for `check`: every referenced block must lie in

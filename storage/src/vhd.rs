@@ -1157,6 +1157,30 @@ impl Layer for VhdLayer {
         Ok(())
     }
 
+    fn metadata_problems(&self) -> Result<Vec<String>> {
+        let io = |e| StorageError::io(&self.path, e);
+        let len = self.file.len().map_err(io)?;
+        let mut out = Vec::new();
+        let mut copies = vec![("at the end", len.saturating_sub(SECTOR))];
+        if self.dynamic.is_some() {
+            copies.push(("at offset 0", 0));
+        }
+        for (name, at) in copies {
+            let mut f = [0u8; FOOTER_SIZE];
+            self.file.read_at(&mut f, at).map_err(io)?;
+            if !f.starts_with(FOOTER_COOKIE) {
+                out.push(format!("the footer {name} is missing"));
+            } else if checksum(&f, 64) != be32(&f, 64) {
+                out.push(format!(
+                    "the footer {name} has a bad checksum (stored {:#010x}, computed {:#010x})",
+                    be32(&f, 64),
+                    checksum(&f, 64)
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     fn block_table(&self) -> Result<Option<crate::layer::BlockTable>> {
         let Some(d) = &self.dynamic else {
             return Ok(None);

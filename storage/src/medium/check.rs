@@ -69,6 +69,12 @@ pub fn check(path: &Path, repair: bool, search: &[PathBuf]) -> Result<CheckRepor
         }
         Err(e) => return Err(e),
     };
+    for problem in layer.metadata_problems()? {
+        report.findings.push(Finding {
+            severity: Severity::Corrupt,
+            message: format!("{}: {problem}", path.display()),
+        });
+    }
     if let Some(table) = layer.block_table()? {
         let (findings, leaked) = judge_table(&table);
         report.findings.extend(findings);

@@ -27,6 +27,63 @@ pub struct Source<'a> {
     pub below: Option<&'a (dyn LowerLayers + Sync)>,
 }
 
+/// Bytes written between background syncs of the target's files.
+const SYNC_EVERY: u64 = 64 << 20;
+
+/// Writes the target's dirty pages back while the copy goes on (through its own handles, so
+/// no layer lock is held), so that the final flush finds little left to do: the disk writes
+/// overlap the copy instead of following it.
+struct Syncer {
+    files: Vec<std::fs::File>,
+    /// Bytes written so far, and whether the copy is over.
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Syncer {
+    fn new(paths: &[std::path::PathBuf]) -> Self {
+        Self {
+            files: paths
+                .iter()
+                .filter_map(|p| std::fs::File::open(p).ok())
+                .collect(),
+            state: Mutex::new((0, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wrote(&self, n: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += n;
+        self.cv.notify_one();
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_one();
+    }
+
+    fn run(&self) {
+        let mut synced = 0u64;
+        loop {
+            {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                while !st.1 && st.0 < synced + SYNC_EVERY {
+                    st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.1 {
+                    return;
+                }
+                synced = st.0;
+            }
+            for f in &self.files {
+                // Best effort: the layer's own flush is what makes the copy durable.
+                let _ = f.sync_data();
+            }
+        }
+    }
+}
+
 /// Reports progress: the byte count to go through, then bytes done as they are done.
 pub trait Progress: Sync {
     fn start(&self, _total: u64) {}
@@ -80,11 +137,14 @@ pub fn copy(
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(WINDOW);
     let mut stats = CopyStats::default();
+    let syncer = Syncer::new(&dst.files());
 
     let result = std::thread::scope(|s| {
         // Owned here so that an early return drops it and readers blocked on a full channel
         // wake up and end.
         let rx = rx;
+        let syncer = &syncer;
+        s.spawn(move || syncer.run());
         for _ in 0..threads.max(1) {
             let tx = tx.clone();
             let (next, abort, written, pool, pieces) = (&next, &abort, &written, &pool, &pieces);
@@ -113,6 +173,7 @@ pub fn copy(
         let mut waiting: BTreeMap<usize, Piece> = BTreeMap::new();
         let mut want = 0usize;
         let fail = |e| {
+            syncer.stop();
             abort.store(true, Ordering::SeqCst);
             written.1.notify_all();
             Err(e)
@@ -135,6 +196,7 @@ pub fn copy(
                         return fail(e);
                     }
                     stats.written += n as u64;
+                    syncer.wrote(n as u64);
                 }
                 progress.advance(p.buf.len() as u64);
                 pool.lock().unwrap_or_else(|e| e.into_inner()).push(p.buf);
@@ -143,6 +205,7 @@ pub fn copy(
                 written.1.notify_all();
             }
         }
+        syncer.stop();
         Ok(())
     });
     progress.finish();
