@@ -24,6 +24,11 @@ pub struct CloneArgs {
     /// Reader threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Do not flush DST to the disk (as qemu-img convert by default): faster, but a host
+    /// crash soon after may lose or damage the new image (never the source). Not with
+    /// --overwrite.
+    #[arg(long, conflicts_with = "overwrite")]
+    no_sync: bool,
     /// More places to look for parent images.
     #[arg(long)]
     search: Vec<PathBuf>,
@@ -37,6 +42,9 @@ pub fn clone(a: CloneArgs) -> CliResult {
         threads: threads(a.threads)?,
         search: a.search,
     };
+    if a.no_sync {
+        ferry_storage::host_file::set_durable(false);
+    }
     let r = medium::clone(&a.src, &a.dst, &opts, &Bar::new("clone"))?;
     println!(
         "cloned {} into {} ({} bytes, {} written, {} on the host)",

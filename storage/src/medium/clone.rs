@@ -87,7 +87,7 @@ pub fn clone(
     let read = |buf: &mut [u8], off: u64| disk.read_at(buf, off);
     let source = Source {
         read: &read,
-        ranges: disk.allocated_ranges()?,
+        ranges: disk.data_ranges()?,
         below: None,
     };
     let stats = copy::copy(&source, &*layer, &NoLowerLayers, opts.threads, progress)?;

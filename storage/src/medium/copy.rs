@@ -42,6 +42,11 @@ struct Syncer {
 
 impl Syncer {
     fn new(paths: &[std::path::PathBuf]) -> Self {
+        let paths = if crate::host_file::durable() {
+            paths
+        } else {
+            &[]
+        };
         Self {
             files: paths
                 .iter()
@@ -117,25 +122,31 @@ struct Piece {
     runs: Vec<(usize, usize)>,
 }
 
-/// Pieces a reader may run ahead of the writer (bounds memory to about this many pieces).
-const WINDOW: usize = 16;
+/// Pieces the readers may run ahead of the writer, per reader: bounds memory (each piece is a
+/// buffer, and fresh buffers cost page faults), yet keeps every reader busy.
+const WINDOW_PER_READER: usize = 2;
 
 /// Copies `src` into `dst` (writes go through `lower`, the target's copy-on-write source).
 pub fn copy(
     src: &Source<'_>,
     dst: &dyn Layer,
-    lower: &dyn LowerLayers,
+    lower: &(dyn LowerLayers + Sync),
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<CopyStats> {
+    let threads = threads.max(1);
+    let window = WINDOW_PER_READER * threads + 1;
     let pieces = split(&src.ranges);
     progress.start(pieces.iter().map(|p| p.1).sum());
+    // A raw target has no block map and no lock: readers write their own pieces, so the
+    // page-cache copies run on every core. Other formats allocate in order, on one thread.
+    let parallel_writes = dst.format() == crate::layer::FormatKind::Raw;
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
-    // How many pieces the writer has finished: readers stay within WINDOW of it.
+    // How many pieces the writer has finished: readers stay within `window` of it.
     let written = (Mutex::new(0usize), Condvar::new());
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(WINDOW);
+    let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(window);
     let mut stats = CopyStats::default();
     let syncer = Syncer::new(&dst.files());
 
@@ -145,7 +156,7 @@ pub fn copy(
         let rx = rx;
         let syncer = &syncer;
         s.spawn(move || syncer.run());
-        for _ in 0..threads.max(1) {
+        for _ in 0..threads {
             let tx = tx.clone();
             let (next, abort, written, pool, pieces) = (&next, &abort, &written, &pool, &pieces);
             s.spawn(move || loop {
@@ -156,13 +167,20 @@ pub fn copy(
                 {
                     let (lock, cv) = written;
                     let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while index >= *done + WINDOW && !abort.load(Ordering::SeqCst) {
+                    while index >= *done + window && !abort.load(Ordering::SeqCst) {
                         done = cv.wait(done).unwrap_or_else(|e| e.into_inner());
                     }
                 }
                 let (offset, len) = pieces[index];
                 let buf = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let piece = read_piece(src, index, offset, len as usize, buf);
+                let mut piece = read_piece(src, index, offset, len as usize, buf);
+                if parallel_writes {
+                    if let Ok(p) = &mut piece {
+                        if let Err(e) = write_runs(dst, lower, p, syncer) {
+                            piece = Err(e);
+                        }
+                    }
+                }
                 let failed = piece.is_err();
                 if tx.send(piece).is_err() || failed {
                     return;
@@ -210,6 +228,19 @@ pub fn copy(
     });
     progress.finish();
     result.map(|()| stats)
+}
+
+fn write_runs(
+    dst: &dyn Layer,
+    lower: &dyn LowerLayers,
+    p: &mut Piece,
+    syncer: &Syncer,
+) -> Result<()> {
+    for &(at, n) in &p.runs {
+        dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower)?;
+        syncer.wrote(n as u64);
+    }
+    Ok(())
 }
 
 /// Cuts ranges into pieces that start on PIECE boundaries.

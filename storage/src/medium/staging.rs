@@ -68,12 +68,19 @@ impl Staged {
                 }
             }
         }
-        if let Ok(f) = std::fs::File::open(&self.tmp) {
-            let _ = f.sync_all();
+        let durable = crate::host_file::durable();
+        if durable {
+            if let Ok(f) = std::fs::File::open(&self.tmp) {
+                let _ = f.sync_all();
+            }
         }
         std::fs::rename(&self.tmp, &self.dst).map_err(|e| io(&self.tmp, e))?;
         finals.push(self.dst.clone());
-        if let Some(dir) = self.dst.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = self
+            .dst
+            .parent()
+            .filter(|d| durable && !d.as_os_str().is_empty())
+        {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
             }
