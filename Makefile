@@ -35,6 +35,8 @@ bench: deps
 	tests/bench/boot/run.sh
 	tests/bench/formats/run.sh
 	tests/bench/io/run.sh
+	tests/bench/medium/run.sh
+	tests/bench/scsi/run.sh
 
 clean:
 	cargo clean

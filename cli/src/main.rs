@@ -1,6 +1,7 @@
 //! `ferry`: the command line.
 
 mod import;
+mod medium;
 mod run;
 mod size;
 mod vmdef;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     Run(run::RunArgs),
     Import(import::ImportArgs),
+    /// Create, inspect, convert and maintain disk images.
+    Medium(medium::MediumArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Import(args) => import::import(args),
+        Command::Medium(args) => medium::run(args),
     }
 }
 

@@ -91,6 +91,12 @@ impl Disk {
         self.layers[0].virtual_size()
     }
 
+    /// What the layers from index `from` down read (zeros below the base): the reference a
+    /// copy into a differencing layer compares against.
+    pub fn lower(&self, from: usize) -> impl LowerLayers + Sync + '_ {
+        Below { disk: self, from }
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<()> {
         crate::error::check_range(self.layers[0].path(), offset, len as u64, self.size())
     }
@@ -166,6 +172,42 @@ impl Disk {
             off += run;
         }
         Ok(out)
+    }
+
+    /// Ranges whose topmost holding layer has data (explicit zeros and holes left out), merged,
+    /// in order: what a flattening copy must read; everything else reads as zeros.
+    pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let size = self.size();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut off = 0u64;
+        while off < size {
+            let (state, run) = self.state_from(0, off, size - off)?;
+            if state == Allocation::Data {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == off => *l += run,
+                    _ => out.push((off, run)),
+                }
+            }
+            off += run;
+        }
+        Ok(out)
+    }
+
+    /// What the topmost layer at or below `level` that holds the run at `offset` says of it.
+    fn state_from(&self, level: usize, offset: u64, len: u64) -> Result<(Allocation, u64)> {
+        let Some(layer) = self.layers.get(level) else {
+            return Ok((Allocation::Zero, len));
+        };
+        let avail = layer.virtual_size().saturating_sub(offset);
+        if avail == 0 {
+            return Ok((Allocation::Zero, len));
+        }
+        let (state, run) = layer.block_status(offset, len.min(avail))?;
+        let run = run.clamp(1, len.min(avail));
+        match state {
+            Allocation::Unallocated => self.state_from(level + 1, offset, run),
+            held => Ok((held, run)),
+        }
     }
 
     /// Whether some layer at or below `level` holds the run at `offset`, and its length.

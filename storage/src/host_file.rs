@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Positional I/O on one host file.
@@ -22,6 +22,20 @@ pub trait HostFile: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Frees the range on the host (reads return zeros afterwards).
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Whether `LocalFile::sync` reaches the disk (see [`set_durable`]).
+static DURABLE: AtomicBool = AtomicBool::new(true);
+
+/// Turns every host file sync in this process into a no-op (`false`), as qemu-img convert's
+/// default cache mode does: for a tool writing a new image it can simply write again, never
+/// for a running VM. Data then reaches the disk when the kernel writes it back.
+pub fn set_durable(on: bool) {
+    DURABLE.store(on, Ordering::SeqCst);
+}
+
+pub fn durable() -> bool {
+    DURABLE.load(Ordering::SeqCst)
 }
 
 /// A plain file on the host.
@@ -89,6 +103,9 @@ impl HostFile for LocalFile {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if !durable() {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 

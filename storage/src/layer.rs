@@ -139,6 +139,42 @@ pub trait Layer: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Writes a new identity into the header (and, where the format has one, a new
+    /// modification UUID). Call it last: the layer may rewrite its header from memory on a
+    /// later write.
+    fn set_uuid(&self, _uuid: Uuid, _modification: Option<Uuid>) -> Result<()> {
+        Err(crate::error::StorageError::Unsupported {
+            path: self.path().to_path_buf(),
+            detail: format!("a {} image records no UUID to set", self.format().name()),
+        })
+    }
+    /// Where the layer's data blocks live in its host file, for consistency checks; `None`
+    /// for formats without a block table (raw, fixed, VMDK's grain tables).
+    fn block_table(&self) -> Result<Option<BlockTable>> {
+        Ok(None)
+    }
+    /// Damage that opening tolerated (a redundant copy of a header with a bad checksum), for
+    /// `check`: one sentence each.
+    fn metadata_problems(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A layer's block table as host offsets, for `check`: every referenced block must lie in
+/// the data area, no two may overlap, and data-area space no block uses is leaked.
+#[derive(Debug, Clone)]
+pub struct BlockTable {
+    /// The host file the blocks are in.
+    pub file: PathBuf,
+    /// (table index, host offset) of every allocated block.
+    pub blocks: Vec<(u64, u64)>,
+    /// Host bytes one block occupies (with its bitmap or extra bytes).
+    pub block_bytes: u64,
+    /// The data area: after headers and tables, before any trailer (VHD's footer).
+    pub data_start: u64,
+    pub data_end: u64,
+    /// Bytes between blocks that are alignment padding, not leaks.
+    pub slack: u64,
 }
 
 /// What `create` makes.

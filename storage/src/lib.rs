@@ -6,6 +6,7 @@
 // the modules that allow it, each block with its reason.
 #![deny(unsafe_code)]
 
+pub mod attachment;
 pub mod disk;
 pub mod error;
 pub mod host_file;
@@ -21,13 +22,13 @@ pub mod vdi;
 pub mod vhd;
 pub mod vmdk;
 
+pub use attachment::{open_attachment, Attachment, AttachmentSet, MediumType, Placement};
 pub use disk::Disk;
 pub use error::{Result, StorageError};
 pub use host_file::{HostFile, LocalFile};
 pub use layer::{
-    Allocation, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer, LowerLayers,
-    NoLowerLayers, ParentRef, Variant,
+    Allocation, BlockTable, CreateOptions, CreateParent, FormatKind, ImageFormat, Layer,
+    LowerLayers, NoLowerLayers, ParentRef, Variant,
 };
-pub use medium::{open_attachment, Attachment, AttachmentSet, MediumType, Placement};
 pub use probe::{create_image, open_image, FORMATS};
 pub use uuid::Uuid;

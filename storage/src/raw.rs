@@ -72,6 +72,8 @@ pub struct RawLayer {
     size: u64,
     writable: bool,
     path: PathBuf,
+    /// A handle for asking the host where the file's holes are (None: treat all as data).
+    holes: Option<std::fs::File>,
 }
 
 impl RawLayer {
@@ -85,10 +87,31 @@ impl RawLayer {
         Ok(Self {
             kind,
             path: file.path().to_path_buf(),
+            holes: std::fs::File::open(file.path()).ok(),
             file,
             size,
             writable,
         })
+    }
+
+    /// The run at `offset` (at most `len`): data, or a host hole (known zeros), per
+    /// SEEK_DATA/SEEK_HOLE; all data where the host cannot say.
+    fn host_extent(&self, offset: u64, len: u64) -> (Allocation, u64) {
+        use rustix::fs::{seek, SeekFrom};
+        let Some(f) = &self.holes else {
+            return (Allocation::Data, len);
+        };
+        let end = offset + len;
+        match seek(f, SeekFrom::Data(offset)) {
+            Ok(data) if data > offset => (Allocation::Zero, data.min(end) - offset),
+            Ok(_) => match seek(f, SeekFrom::Hole(offset)) {
+                Ok(hole) if hole > offset => (Allocation::Data, hole.min(end) - offset),
+                _ => (Allocation::Data, len),
+            },
+            // ENXIO: no data at or after `offset` (a hole to the end of the file).
+            Err(rustix::io::Errno::NXIO) => (Allocation::Zero, len),
+            Err(_) => (Allocation::Data, len),
+        }
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -123,7 +146,10 @@ impl Layer for RawLayer {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
         self.check(offset, len)?;
-        Ok((Allocation::Data, len))
+        if len == 0 || self.kind != FormatKind::Raw {
+            return Ok((Allocation::Data, len));
+        }
+        Ok(self.host_extent(offset, len))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;

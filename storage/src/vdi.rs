@@ -936,6 +936,42 @@ impl Layer for VdiLayer {
         Ok(())
     }
 
+    fn set_uuid(&self, uuid: Uuid, modification: Option<Uuid>) -> Result<()> {
+        self.need_writable()?;
+        // Pending header fields go first: the header write below must be the last one.
+        self.flush()?;
+        let mut st = self.lock();
+        let mut b = [0u8; 32];
+        b[..16].copy_from_slice(&uuid.to_bytes_le());
+        if let Some(m) = modification {
+            st.modify_uuid = m;
+        }
+        b[16..].copy_from_slice(&st.modify_uuid.to_bytes_le());
+        self.file
+            .write_at(&b, O_UUID_CREATE as u64)
+            .map_err(|e| self.io(e))?;
+        self.file.sync().map_err(|e| self.io(e))
+    }
+
+    fn block_table(&self) -> Result<Option<crate::layer::BlockTable>> {
+        let st = self.lock();
+        let blocks = st
+            .map
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| is_allocated(e))
+            .map(|(i, &e)| (i as u64, self.slot_offset(e) - self.hd.block_extra))
+            .collect();
+        Ok(Some(crate::layer::BlockTable {
+            file: self.path.clone(),
+            blocks,
+            block_bytes: self.hd.block_extra + self.hd.block_size,
+            data_start: self.hd.off_data,
+            data_end: self.file.len().map_err(|e| self.io(e))?,
+            slack: 0,
+        }))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.need_writable()?;
         self.check(offset, len)?;

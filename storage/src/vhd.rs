@@ -1131,6 +1131,80 @@ impl Layer for VhdLayer {
         }
         Ok(())
     }
+
+    fn set_uuid(&self, uuid: Uuid, _modification: Option<Uuid>) -> Result<()> {
+        if !self.writable {
+            return Err(StorageError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let mut footer = self.footer;
+        footer[68..84].copy_from_slice(uuid.as_bytes());
+        let ck = checksum(&footer, 64);
+        put32(&mut footer, 64, ck);
+        let io = |e| StorageError::io(&self.path, e);
+        // The footer at the end first, then its copy at offset 0: either one alone is valid.
+        let end = match &self.dynamic {
+            Some(d) => d.state.read().unwrap_or_else(|e| e.into_inner()).footer_pos,
+            None => self.file.len().map_err(io)?.saturating_sub(SECTOR),
+        };
+        self.file.write_at(&footer, end).map_err(io)?;
+        self.file.sync().map_err(io)?;
+        if self.dynamic.is_some() && self.footer_copy_at_zero() {
+            self.file.write_at(&footer, 0).map_err(io)?;
+            self.file.sync().map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn metadata_problems(&self) -> Result<Vec<String>> {
+        let io = |e| StorageError::io(&self.path, e);
+        let len = self.file.len().map_err(io)?;
+        let mut out = Vec::new();
+        let mut copies = vec![("at the end", len.saturating_sub(SECTOR))];
+        if self.dynamic.is_some() {
+            copies.push(("at offset 0", 0));
+        }
+        for (name, at) in copies {
+            let mut f = [0u8; FOOTER_SIZE];
+            self.file.read_at(&mut f, at).map_err(io)?;
+            if !f.starts_with(FOOTER_COOKIE) {
+                out.push(format!("the footer {name} is missing"));
+            } else if checksum(&f, 64) != be32(&f, 64) {
+                out.push(format!(
+                    "the footer {name} has a bad checksum (stored {:#010x}, computed {:#010x})",
+                    be32(&f, 64),
+                    checksum(&f, 64)
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn block_table(&self) -> Result<Option<crate::layer::BlockTable>> {
+        let Some(d) = &self.dynamic else {
+            return Ok(None);
+        };
+        let st = d.state.read().unwrap_or_else(|e| e.into_inner());
+        let blocks: Vec<(u64, u64)> = st
+            .bat
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e != UNALLOCATED)
+            .map(|(i, &e)| (i as u64, u64::from(e) * SECTOR))
+            .collect();
+        // Metadata (the BAT, parent locators) may sit anywhere before the first block: the
+        // data area is judged from there on.
+        let data_start = blocks.iter().map(|b| b.1).min().unwrap_or(st.footer_pos);
+        Ok(Some(crate::layer::BlockTable {
+            file: self.path.clone(),
+            blocks,
+            block_bytes: d.bitmap_size + d.block_size,
+            data_start,
+            data_end: st.footer_pos,
+            slack: HOST_PAGE,
+        }))
+    }
 }
 
 #[cfg(test)]

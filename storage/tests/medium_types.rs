@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ferry_storage::medium::open_attachment_with;
+use ferry_storage::attachment::open_attachment_with;
 use ferry_storage::{
     create_image, open_attachment, AttachmentSet, CreateOptions, Disk, FormatKind, MediumType,
     Placement, StorageError, Variant,

@@ -596,6 +596,38 @@ impl Layer for ParallelsImage {
         }
         Ok(())
     }
+    fn block_table(&self) -> Result<Option<crate::layer::BlockTable>> {
+        let st = self.lock();
+        let mult = if self.ext_magic { self.tracks } else { 1 };
+        let mut blocks: Vec<(u64, u64)> = st
+            .bat
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e != 0)
+            .map(|(i, &e)| (i as u64, u64::from(e) * mult * SECTOR))
+            .collect();
+        let ext_off = le64(&self.header, 56);
+        if ext_off != 0 {
+            // The format extension cluster is in use, though no BAT entry names it.
+            blocks.push((u64::MAX, ext_off * SECTOR));
+        }
+        let mut data_off = u64::from(le32(&self.header, 48));
+        if data_off == 0 {
+            data_off = (HEADER_SIZE + 4 * st.bat.len() as u64).div_ceil(SECTOR);
+        }
+        Ok(Some(crate::layer::BlockTable {
+            file: self.path.clone(),
+            blocks,
+            block_bytes: self.cluster,
+            data_start: data_off * SECTOR,
+            data_end: self
+                .file
+                .len()
+                .map_err(|e| StorageError::io(&self.path, e))?,
+            slack: 0,
+        }))
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());

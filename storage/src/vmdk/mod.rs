@@ -853,6 +853,27 @@ impl Layer for VmdkLayer {
         }
         Ok(())
     }
+
+    fn set_uuid(&self, uuid: Uuid, _modification: Option<Uuid>) -> Result<()> {
+        if !self.writable {
+            return Err(StorageError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        self.flush()?;
+        let mut inner = self.lock();
+        let Some(desc) = inner.desc.as_mut() else {
+            return Err(StorageError::Unsupported {
+                path: self.path.clone(),
+                detail: "this VMDK has no descriptor to record a UUID in".into(),
+            });
+        };
+        desc.set("ddb.uuid.image", &uuid.to_string(), true);
+        self.write_descriptor(&mut inner)?;
+        self.main
+            .sync()
+            .map_err(|e| StorageError::io(&self.path, e))
+    }
 }
 
 impl Drop for VmdkLayer {
