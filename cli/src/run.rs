@@ -8,6 +8,7 @@ use ferry_vmm::{LinuxBootSpec, Outcome, SerialMode, VmConfig};
 
 use std::sync::Arc;
 
+use ferry_storage::io::{BandwidthGroup, BandwidthGroupSpec};
 use ferry_storage::lock::ImageLock;
 use ferry_storage::{AttachmentSet, MediumType, Placement};
 use ferry_vmm::{ControllerConfig, ControllerKind, UnitConfig};
@@ -149,7 +150,20 @@ fn controllers(
         .map(|c| ControllerConfig {
             name: c.name.get_ref().clone(),
             kind: ControllerKind::VirtioScsi,
+            host_io_cache: c.hostiocache.is_none_or(|h| h.0),
             units: Vec::new(),
+        })
+        .collect();
+    // One shared limiter per group: every attachment naming it draws from the same budget.
+    let groups: Vec<Arc<BandwidthGroup>> = def
+        .bwgroup
+        .iter()
+        .map(|g| {
+            Arc::new(BandwidthGroup::new(&BandwidthGroupSpec {
+                name: g.name.get_ref().clone(),
+                limit: g.limit.0,
+                iops: g.iops.map_or(0, u64::from),
+            }))
         })
         .collect();
     let mut locks = Vec::new();
@@ -187,6 +201,10 @@ fn controllers(
             nonrotational: a.nonrotational.0,
             discard: a.discard.0,
             read_only: dvd || matches!(mtype, MediumType::Readonly),
+            bwgroup: a
+                .bwgroup
+                .as_ref()
+                .and_then(|n| groups.iter().find(|g| g.name() == n.get_ref()).cloned()),
         });
     }
     Ok((out, locks))
@@ -202,7 +220,12 @@ fn open_storage(def: &VmDef) -> Result<AttachmentSet, String> {
         if let Some(r) = a.autoreset {
             place.autoreset = r.0;
         }
-        set.attach(&a.medium, a.mtype(), &place)
+        // A CD/DVD drive only reads its medium, whatever type the medium was given.
+        let mtype = match a.kind {
+            DriveKind::Dvd => MediumType::Readonly,
+            DriveKind::Hdd => a.mtype(),
+        };
+        set.attach(&a.medium, mtype, &place)
             .map_err(|e| e.to_string())?;
     }
     for a in &def.attach {

@@ -18,6 +18,25 @@ cp target/guest-kit/vmlinuz "$payload/"
 # Scenarios that need no fio boot the small kit; one checks the full kit.
 cp target/guest-kit/initramfs-base.cpio.gz "$payload/initramfs.cpio.gz"
 cp target/guest-kit/initramfs.cpio.gz "$payload/initramfs-full.cpio.gz"
+# Empty dynamic images of each format, made by another tool (qemu-img), for the guest to fill.
+for f in vdi:vdi vmdk:vmdk vhd:vpc hds:parallels; do
+    qemu-img create -q -f "${f#*:}" "$payload/empty.${f%%:*}" 128M
+done
+# A small ISO 9660 medium (volume descriptors, then a known pattern) for the CD/DVD drive.
+python3 - "$payload/test.iso" <<'EOF'
+import struct, sys
+sectors = 512                                   # 1 MiB of 2048-byte sectors
+iso = bytearray(sectors * 2048)
+pvd = bytearray(2048)
+pvd[0:7] = b"\x01CD001\x01"
+pvd[40:72] = b"FERRY-TEST".ljust(32)
+pvd[80:88] = struct.pack("<I", sectors) + struct.pack(">I", sectors)
+iso[16 * 2048:17 * 2048] = pvd
+iso[17 * 2048:17 * 2048 + 7] = b"\xffCD001\x01"
+for s in range(18, sectors):
+    iso[s * 2048:(s + 1) * 2048] = ((b"FERRY-ISO-%06d " % s) * 128)[:2048]
+open(sys.argv[1], "wb").write(iso)
+EOF
 
 log=target/integration/last-run.log
 status=0

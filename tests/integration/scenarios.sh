@@ -216,32 +216,85 @@ sc_virtio_scsi() {
     rm -f "$OUT"/vs-*
     truncate -s 256M "$OUT/vs-0.raw" && truncate -s 128M "$OUT/vs-1.raw" || { fail $n "cannot make the disk files"; return; }
     boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdb ]; do sleep 1; i=$((i + 1)); done
+# Targets are the controller ports; Linux names the disks in the order its scan finds them.
 for d in /sys/block/sd*; do
-  echo "DISK $(basename $d) $(cat $d/size) rot=$(cat $d/queue/rotational) $(cat $d/device/vendor | tr -d " ")"
+  t=$(basename "$(readlink -f $d/device)")
+  echo "DISK $t $(cat $d/size) rot=$(cat $d/queue/rotational) $(cat $d/device/vendor | tr -d " ")"
+  case $t in *:0:1:0) port1=/dev/$(basename $d) ;; esac
 done
 for dev in /dev/sda /dev/sdb; do
   fio --name=v --filename=$dev --size=64M --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
       --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO $dev ok" || { echo "FIO $dev FAIL"; cat /tmp/fio.err; }
 done
-yes FERRY-PATTERN | head -c 1048576 | dd of=/dev/sdb bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written' \
+yes FERRY-PATTERN | head -c 1048576 | dd of=$port1 bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written
+i=0; while [ $i -lt 10 ] && [ ! -b /dev/sr0 ]; do sleep 1; i=$((i + 1)); done
+echo "DVD $(cat /sys/block/sr0/size 2>/dev/null) $(sha256sum /dev/sr0 | cut -d" " -f1)"' \
         --memory 512M --cpus 2 --storagectl name=s,type=virtio-scsi \
         --attach "ctl=s,port=0,medium=$OUT/vs-0.raw" \
-        --attach "ctl=s,port=1,medium=$OUT/vs-1.raw,nonrotational=on"
+        --attach "ctl=s,port=1,medium=$OUT/vs-1.raw,nonrotational=on" \
+        --attach "ctl=s,port=2,medium=$here/test.iso,type=dvd"
     INITRD=$small
     log=$OUT/$n.log
     [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
-    grep -q '^DISK sda 524288 rot=1 FERRY' "$log" || { fail $n "sda is not a 256 MiB rotational FERRY disk"; return; }
-    grep -q '^DISK sdb 262144 rot=0 FERRY' "$log" || { fail $n "sdb is not a 128 MiB non-rotational FERRY disk"; return; }
+    grep -q '^DISK [0-9]*:0:0:0 524288 rot=1 FERRY' "$log" || { fail $n "port 0 is not a 256 MiB rotational FERRY disk"; return; }
+    grep -q '^DISK [0-9]*:0:1:0 262144 rot=0 FERRY' "$log" || { fail $n "port 1 is not a 128 MiB non-rotational FERRY disk"; return; }
     grep -q '^FIO /dev/sda ok' "$log" || { fail $n "fio verify failed on sda"; return; }
     grep -q '^FIO /dev/sdb ok' "$log" || { fail $n "fio verify failed on sdb"; return; }
     [ "$(value PATTERN "$log")" = written ] || { fail $n "the guest could not write its pattern"; return; }
+    want="DVD 2048 $(sha256sum "$here/test.iso" | cut -d' ' -f1)"
+    grep -q "^$want" "$log" || { fail $n "the DVD does not read back as test.iso ($want)"; return; }
     yes FERRY-PATTERN | head -c 1048576 >"$OUT/vs-pattern"
     dd if="$OUT/vs-1.raw" of="$OUT/vs-back" bs=65536 skip=16 count=16 2>/dev/null
     cmp -s "$OUT/vs-pattern" "$OUT/vs-back" || { fail $n "the image file does not hold what the guest wrote"; return; }
     pass $n
 }
 
-all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic"
+# Dynamic images of every format on one virtio-scsi controller (made empty by qemu-img on the
+# build host): fio with verification on each, and a pattern the guest wrote that the host
+# reads back from each image through `ferry medium clone --format raw`.
+sc_virtio_scsi_formats() {
+    n=virtio_scsi_formats
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT"/vf-*
+    for f in vdi vmdk vhd hds; do
+        cp "$here/empty.$f" "$OUT/vf-disk.$f" || { fail $n "no empty.$f in the payload"; INITRD=$small; return; }
+    done
+    attach="--storagectl name=s,type=virtio-scsi"
+    port=0
+    for f in vdi vmdk vhd hds; do
+        attach="$attach --attach ctl=s,port=$port,medium=$OUT/vf-disk.$f"
+        port=$((port + 1))
+    done
+    # shellcheck disable=SC2086
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
+for d in /sys/block/sd*; do
+  dev=/dev/$(basename $d); t=$(basename "$(readlink -f $d/device)" | cut -d: -f3)
+  fio --name=v --filename=$dev --size=32M --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+      --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO port$t ok" || { echo "FIO port$t FAIL"; cat /tmp/fio.err; }
+  yes "FERRY-PORT-$t" | head -c 1048576 | dd of=$dev bs=65536 seek=1024 oflag=direct 2>/dev/null
+done
+sync; echo WRITTEN=yes' --memory 512M --cpus 2 $attach
+    log=$OUT/$n.log
+    [ "$rc" = 0 ] || { INITRD=$small; fail $n "$(why_rc "expected 0")"; return; }
+    for t in 0 1 2 3; do
+        grep -q "^FIO port$t ok" "$log" || { INITRD=$small; fail $n "fio verify failed on port $t"; return; }
+    done
+    INITRD=$small
+    # What the guest wrote, read back on the host through `ferry medium clone --format raw`.
+    t=0
+    for f in vdi vmdk vhd hds; do
+        rm -f "$OUT/vf-back.raw"
+        "$FERRY" medium clone "$OUT/vf-disk.$f" "$OUT/vf-back.raw" --format raw >"$OUT/vf-clone.log" 2>&1 ||
+            { fail $n "ferry medium clone of the $f image failed: $(tail -n 1 "$OUT/vf-clone.log")"; return; }
+        want=$(yes "FERRY-PORT-$t" | head -c 1048576 | sha256sum | cut -d' ' -f1)
+        got=$(dd if="$OUT/vf-back.raw" bs=65536 skip=1024 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || { fail $n "the $f image does not hold what the guest wrote on port $t"; return; }
+        t=$((t + 1))
+    done
+    pass $n
+}
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats"
 if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"

@@ -10,6 +10,7 @@ use ferry_devices::scsi::{CdParams, CdUnit, DiskParams, DiskUnit, LogicalUnit};
 use ferry_devices::virtio::scsi::VirtioScsi;
 use ferry_devices::virtio::{VirtioPci, VirtioPciParams};
 use ferry_firmware::acpi::pci_intx_gsi;
+use ferry_storage::io::{BandwidthGroup, EngineOptions, IoEngine};
 use ferry_storage::Disk;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -36,6 +37,8 @@ impl ControllerKind {
 pub struct ControllerConfig {
     pub name: String,
     pub kind: ControllerKind,
+    /// Buffered host I/O (on) or O_DIRECT (off).
+    pub host_io_cache: bool,
     pub units: Vec<UnitConfig>,
 }
 
@@ -51,6 +54,8 @@ pub struct UnitConfig {
     pub nonrotational: bool,
     pub discard: bool,
     pub read_only: bool,
+    /// The bandwidth group the unit's I/O is held to.
+    pub bwgroup: Option<Arc<BandwidthGroup>>,
 }
 
 impl std::fmt::Debug for UnitConfig {
@@ -89,7 +94,31 @@ pub fn attach_controllers(
             ControllerKind::VirtioScsi => {
                 let mut dev = VirtioScsi::new(cpus.clamp(1, 4) as u16);
                 for u in &c.units {
-                    dev.attach(u.port, unit(c, u)?, u.medium.clone())
+                    let engine = match &u.medium {
+                        Some(m) => Some(
+                            IoEngine::new(
+                                m.clone(),
+                                mem.clone(),
+                                EngineOptions {
+                                    host_cache: c.host_io_cache,
+                                    discard: u.discard,
+                                    bwgroup: u.bwgroup.clone(),
+                                    ..Default::default()
+                                },
+                            )
+                            .map_err(|e| VmmError::Device(e.to_string()))?,
+                        ),
+                        None => None,
+                    };
+                    if let Some(e) = &engine {
+                        tracing::info!(
+                            "  port {}: I/O through {} (host cache {})",
+                            u.port,
+                            e.kind().name(),
+                            if c.host_io_cache { "on" } else { "off" }
+                        );
+                    }
+                    dev.attach(u.port, unit(c, u)?, u.medium.clone(), engine)
                         .map_err(|e| VmmError::Config(format!("controller '{}': {e}", c.name)))?;
                 }
                 let pci = VirtioPci::new(
@@ -106,6 +135,7 @@ pub fn attach_controllers(
                 let events: Vec<Arc<EventFd>> = (0..pci.queue_count())
                     .filter_map(|q| pci.queue_event(q))
                     .collect();
+                let device_events = pci.device_events();
                 let pci = Arc::new(Mutex::new(pci));
                 root.add(DevFn::new(slot, 0), pci.clone());
                 tracing::info!(
@@ -127,6 +157,7 @@ pub fn attach_controllers(
                 handlers.push(QueueHandler {
                     device: pci,
                     events,
+                    device_events,
                 });
             }
         }
@@ -170,11 +201,16 @@ fn unit(c: &ControllerConfig, u: &UnitConfig) -> Result<LogicalUnit, VmmError> {
     Ok(LogicalUnit::Disk(disk))
 }
 
-/// Runs a controller's queues when their doorbells ring.
+/// Runs a controller's queues when their doorbells ring, and finishes its requests when
+/// its I/O engines complete them.
 pub struct QueueHandler {
     device: Arc<Mutex<VirtioPci>>,
     events: Vec<Arc<EventFd>>,
+    device_events: Vec<Arc<EventFd>>,
 }
+
+/// Event data at and above this are device events; below, queue doorbells.
+const DEVICE_EVENT: u32 = 1 << 16;
 
 impl MutEventSubscriber for QueueHandler {
     fn init(&mut self, ops: &mut EventOps) {
@@ -183,13 +219,21 @@ impl MutEventSubscriber for QueueHandler {
                 tracing::error!("queue {i} doorbell: {err}");
             }
         }
+        for (i, e) in self.device_events.iter().enumerate() {
+            let data = DEVICE_EVENT + i as u32;
+            if let Err(err) = ops.add(Events::with_data(e.as_ref(), data, EventSet::IN)) {
+                tracing::error!("I/O completions {i}: {err}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _: &mut EventOps) {
-        let q = events.data() as usize;
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_notified(q);
+        let data = events.data();
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        if data >= DEVICE_EVENT {
+            dev.device_event((data - DEVICE_EVENT) as usize);
+        } else {
+            dev.queue_notified(data as usize);
+        }
     }
 }

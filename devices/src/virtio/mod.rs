@@ -6,7 +6,10 @@ pub mod scsi;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::sync::Arc;
+
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use pci::{VirtioPci, VirtioPciParams};
 pub use virtio_queue::{Queue, QueueT};
@@ -44,4 +47,18 @@ pub trait VirtioDevice: Send {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Vec<usize>;
+    /// Event sources besides the doorbells (I/O completions), for the vmm to poll.
+    fn event_sources(&self) -> Vec<Arc<EventFd>> {
+        Vec::new()
+    }
+    /// Event source `index` fired. Returns the queues that got used buffers.
+    fn process_event(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Vec<usize> {
+        let _ = (index, queues, mem);
+        Vec::new()
+    }
 }

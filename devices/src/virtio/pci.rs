@@ -192,6 +192,21 @@ impl VirtioPci {
         self.interrupt(vector, ISR_QUEUE);
     }
 
+    /// The device's own event sources (I/O completions); the vmm polls them.
+    pub fn device_events(&self) -> Vec<Arc<EventFd>> {
+        self.device.event_sources()
+    }
+
+    /// Device event source `index` fired: let the device finish work, then interrupt.
+    pub fn device_event(&mut self, index: usize) {
+        let used = self
+            .device
+            .process_event(index, &mut self.queues, &self.memory);
+        for q in used {
+            self.signal_used(q);
+        }
+    }
+
     /// Tells the driver that the device configuration changed.
     pub fn signal_config_change(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);

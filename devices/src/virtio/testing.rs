@@ -46,9 +46,17 @@ fn ring_base(q: usize) -> u64 {
 }
 
 impl Driver {
+    /// Guest memory for a driver (devices that need it at construction get a clone).
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY)]).unwrap()
+    }
+
     /// Negotiates VERSION_1 plus `features` and enables every queue.
     pub fn new(device: Box<dyn VirtioDevice>, features: u64) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY)]).unwrap();
+        Self::with_memory(Self::memory(), device, features)
+    }
+
+    pub fn with_memory(mem: GuestMemoryMmap, device: Box<dyn VirtioDevice>, features: u64) -> Self {
         let line = Arc::new(Line::default());
         let mut dev = VirtioPci::new(
             device,
@@ -138,7 +146,17 @@ impl Driver {
             .write_obj(idx.wrapping_add(1), GuestAddress(base + 0x102))
             .unwrap();
         self.dev.queue_notified(q);
-        let used: u16 = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
+        let mut used: u16 = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
+        // Requests on an I/O engine finish later: poll the device's event sources a while.
+        let events = self.dev.device_events().len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while used == self.used_seen[q] && events > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            for i in 0..events {
+                self.dev.device_event(i);
+            }
+            used = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
+        }
         let len = if used != self.used_seen[q] {
             let slot = u64::from(self.used_seen[q] % QUEUE_SIZE);
             self.used_seen[q] = used;

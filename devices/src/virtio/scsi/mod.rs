@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 
+use ferry_storage::io::IoEngine;
 use ferry_storage::Disk;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioDevice;
 use crate::scsi::{LogicalUnit, ScsiTarget};
@@ -28,10 +30,12 @@ pub const MAX_TARGET: u16 = 255;
 const DEFAULT_SENSE_SIZE: u32 = 96;
 const DEFAULT_CDB_SIZE: u32 = 32;
 
-/// What sits on a port: the SCSI unit and the medium its data goes to.
+/// What sits on a port: the SCSI unit, the medium its data goes to, and the I/O engine that
+/// moves reads, writes and flushes (without one, they go through the image layer inline).
 pub struct Port {
     pub target: ScsiTarget,
     pub medium: Option<Arc<Disk>>,
+    pub engine: Option<IoEngine>,
 }
 
 /// An event for the driver's event queue (virtio_scsi_event).
@@ -50,6 +54,9 @@ const T_EVENTS_MISSED: u32 = 0x8000_0000;
 
 pub struct VirtioScsi {
     ports: BTreeMap<u8, Port>,
+    in_flight: request::InFlightSet,
+    /// The port behind each event source (its engine's completion eventfd).
+    event_ports: Vec<u8>,
     request_queues: u16,
     sense_size: u32,
     cdb_size: u32,
@@ -61,6 +68,8 @@ impl VirtioScsi {
     pub fn new(request_queues: u16) -> Self {
         Self {
             ports: BTreeMap::new(),
+            in_flight: request::InFlightSet::default(),
+            event_ports: Vec::new(),
             request_queues: request_queues.clamp(1, 16),
             sense_size: DEFAULT_SENSE_SIZE,
             cdb_size: DEFAULT_CDB_SIZE,
@@ -75,13 +84,24 @@ impl VirtioScsi {
         port: u8,
         unit: LogicalUnit,
         medium: Option<Arc<Disk>>,
+        engine: Option<IoEngine>,
     ) -> Result<(), String> {
         if self.ports.contains_key(&port) {
             return Err(format!("port {port} is already in use"));
         }
         let mut target = ScsiTarget::new();
         target.attach(0, unit).map_err(|e| e.to_string())?;
-        self.ports.insert(port, Port { target, medium });
+        if engine.is_some() {
+            self.event_ports.push(port);
+        }
+        self.ports.insert(
+            port,
+            Port {
+                target,
+                medium,
+                engine,
+            },
+        );
         Ok(())
     }
 
@@ -198,6 +218,52 @@ impl VirtioDevice for VirtioScsi {
     fn reset(&mut self) {
         self.sense_size = DEFAULT_SENSE_SIZE;
         self.cdb_size = DEFAULT_CDB_SIZE;
+        // Transfers still on the host complete into nothing: their buffers are the old
+        // driver's, and a reset device answers no request from before.
+        self.in_flight.clear();
+        for p in self.ports.values_mut() {
+            p.target.reset();
+        }
+    }
+
+    fn event_sources(&self) -> Vec<Arc<EventFd>> {
+        self.event_ports
+            .iter()
+            .filter_map(|p| self.ports.get(p)?.engine.as_ref())
+            .filter_map(|e| match e.eventfd().try_clone() {
+                Ok(fd) => Some(Arc::new(fd)),
+                Err(err) => {
+                    tracing::error!("virtio-scsi: cannot poll an I/O engine: {err}");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn process_event(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Vec<usize> {
+        let Some(&port_id) = self.event_ports.get(index) else {
+            return Vec::new();
+        };
+        let Some(port) = self.ports.get_mut(&port_id) else {
+            return Vec::new();
+        };
+        let mut signal = Vec::new();
+        for (q, head, len) in request::reap(mem, port_id, port, &mut self.in_flight) {
+            if let Some(queue) = queues.get_mut(q) {
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    tracing::debug!("virtio-scsi: used ring: {e}");
+                }
+                if !signal.contains(&q) {
+                    signal.push(q);
+                }
+            }
+        }
+        signal
     }
 
     fn process_queue(
@@ -239,17 +305,20 @@ impl VirtioDevice for VirtioScsi {
                     }
                     while let Some(chain) = queue.pop_descriptor_chain(mem) {
                         let head = chain.head_index();
-                        let len = request::command(
-                            chain,
-                            mem,
-                            &mut self.ports,
-                            self.cdb_size as usize,
-                            self.sense_size as usize,
-                        );
-                        if let Err(e) = queue.add_used(mem, head, len) {
-                            tracing::debug!("virtio-scsi: used ring: {e}");
+                        let mut ctx = request::CommandCtx {
+                            ports: &mut self.ports,
+                            in_flight: &mut self.in_flight,
+                            queue: index,
+                            cdb_size: self.cdb_size as usize,
+                            sense_size: self.sense_size as usize,
+                        };
+                        if let request::Handled::Done(len) = request::command(chain, mem, &mut ctx)
+                        {
+                            if let Err(e) = queue.add_used(mem, head, len) {
+                                tracing::debug!("virtio-scsi: used ring: {e}");
+                            }
+                            used = true;
                         }
-                        used = true;
                     }
                     match queue.enable_notification(mem) {
                         Ok(true) => continue,

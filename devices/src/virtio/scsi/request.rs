@@ -3,13 +3,14 @@
 //! response (status, sense, residual) written back. Every length comes from the guest and
 //! is checked; a request that cannot be parsed is answered, never trusted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 
+use ferry_storage::io::{IoError, Request};
 use ferry_storage::{Disk, StorageError};
 use virtio_queue::DescriptorChain;
 use virtio_queue::{Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Port;
 use crate::scsi::{Completion, DataOut, IoFailure, MediumIo, MediumIoKind, ScsiResult};
@@ -34,6 +35,82 @@ const T_AN_QUERY: u32 = 1;
 const T_AN_SUBSCRIBE: u32 = 2;
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+/// Guest memory pieces: (address, length).
+type Sg = Vec<(GuestAddress, usize)>;
+
+/// What became of a request: answered now (the bytes written to the driver's buffers), or
+/// handed to the port's I/O engine and answered when it completes.
+pub enum Handled {
+    Done(u32),
+    Queued,
+}
+
+/// A command whose data moves through an I/O engine.
+pub struct InFlight {
+    pub queue: usize,
+    pub head: u16,
+    pub port: u8,
+    lun: u16,
+    io: MediumIo,
+    /// Where the response goes, and how much Data-In room the driver gave.
+    resp: Sg,
+    in_capacity: usize,
+    /// A FUA write waits for the flush that follows it.
+    flushing: bool,
+}
+
+/// Requests in flight on every port's engine, by the engine's user_data.
+#[derive(Default)]
+pub struct InFlightSet {
+    next: u64,
+    map: HashMap<u64, InFlight>,
+}
+
+impl InFlightSet {
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// The first `skip` bytes of `descs` dropped, then at most `take` bytes.
+fn sg_range(descs: impl Iterator<Item = (GuestAddress, usize)>, skip: usize, take: usize) -> Sg {
+    let mut out = Vec::new();
+    let (mut skip, mut take) = (skip, take);
+    for (addr, len) in descs {
+        if take == 0 {
+            break;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(take);
+        out.push((GuestAddress(addr.0.wrapping_add(skip as u64)), n));
+        take -= n;
+        skip = 0;
+    }
+    out
+}
+
+fn sg_len(sg: &Sg) -> usize {
+    sg.iter().map(|&(_, l)| l).sum()
+}
+
+/// Writes `data` over `sg` (guest memory checked by vm-memory); false if any piece failed.
+fn write_sg(mem: &GuestMemoryMmap, sg: &Sg, data: &[u8]) -> bool {
+    let mut rest = data;
+    for &(addr, len) in sg {
+        if rest.is_empty() {
+            break;
+        }
+        let n = len.min(rest.len());
+        if mem.write_slice(&rest[..n], addr).is_err() {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    true
+}
 
 struct ChainDataOut<'r, 'a>(&'r mut Reader<'a>);
 
@@ -65,35 +142,97 @@ impl Response {
     }
 }
 
-/// Runs the command in `chain`; returns the bytes written to the driver's buffers.
-pub fn command(
-    chain: Chain<'_>,
-    mem: &GuestMemoryMmap,
-    ports: &mut BTreeMap<u8, Port>,
-    cdb_size: usize,
-    sense_size: usize,
-) -> u32 {
-    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
-        return 0;
+/// The device-wide settings a command is run with.
+pub struct CommandCtx<'a> {
+    pub ports: &'a mut BTreeMap<u8, Port>,
+    pub in_flight: &'a mut InFlightSet,
+    pub queue: usize,
+    pub cdb_size: usize,
+    pub sense_size: usize,
+}
+
+/// Runs the command in `chain`.
+pub fn command(chain: Chain<'_>, mem: &GuestMemoryMmap, ctx: &mut CommandCtx<'_>) -> Handled {
+    let sense_size = ctx.sense_size;
+    let cdb_size = ctx.cdb_size;
+    let head = chain.head_index();
+    let descs = |w: bool| {
+        chain
+            .clone()
+            .filter(move |d| d.is_write_only() == w)
+            .map(|d| (d.addr(), d.len() as usize))
+    };
+    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.clone().writer(mem))
+    else {
+        return Handled::Done(0);
     };
     let sense_size = sense_size.min(MAX_SENSE);
     let resp_len = RESP_HEADER + sense_size;
     if writer.available_bytes() < resp_len {
         // No room even for the response: nothing sensible can be said.
-        return 0;
+        return Handled::Done(0);
     }
     let Ok(mut data_in) = writer.split_at(resp_len) else {
-        return 0;
+        return Handled::Done(0);
     };
-    let mut header = vec![0u8; REQ_HEADER + cdb_size.min(MAX_CDB)];
+    let header_len = REQ_HEADER + cdb_size.min(MAX_CDB);
+    let mut header = vec![0u8; header_len];
     let response = if reader.read_exact(&mut header).is_err() {
         Response::transport(S_FAILURE)
     } else {
         let lun = &header[0..8];
         let cdb = &header[REQ_HEADER..];
-        match address(lun).and_then(|(t, l)| ports.get_mut(&t).map(|p| (p, l))) {
+        match address(lun).and_then(|(t, l)| ctx.ports.get_mut(&t).map(|p| (t, p, l))) {
             None => Response::transport(S_BAD_TARGET),
-            Some((port, unit)) => run(port, unit, cdb, &mut reader, &mut data_in),
+            Some((target, port, unit)) => {
+                let in_capacity = data_in.available_bytes();
+                match port
+                    .target
+                    .execute(unit, cdb, &mut ChainDataOut(&mut reader))
+                {
+                    ScsiResult::Complete(c) => finish(c, &mut data_in, in_capacity),
+                    ScsiResult::Io(io) if port.engine.is_some() && queued_kind(&io) => {
+                        let data = match io.kind {
+                            MediumIoKind::Read => sg_range(descs(true), resp_len, io.len as usize),
+                            MediumIoKind::Write => {
+                                sg_range(descs(false), header_len, io.len as usize)
+                            }
+                            _ => Vec::new(),
+                        };
+                        if sg_len(&data) as u64 != io.len && !matches!(io.kind, MediumIoKind::Flush)
+                        {
+                            Response::transport(S_OVERRUN)
+                        } else {
+                            let entry = InFlight {
+                                queue: ctx.queue,
+                                head,
+                                port: target,
+                                lun: unit,
+                                io,
+                                resp: sg_range(descs(true), 0, resp_len),
+                                in_capacity,
+                                flushing: false,
+                            };
+                            match submit(port, ctx.in_flight, entry, data) {
+                                Ok(()) => return Handled::Queued,
+                                Err(r) => r,
+                            }
+                        }
+                    }
+                    ScsiResult::Io(io) => {
+                        let (outcome, short) = match &port.medium {
+                            Some(disk) => perform(disk, &io, &mut reader, &mut data_in),
+                            None => (Err(IoFailure::Other), false),
+                        };
+                        if short {
+                            Response::transport(S_OVERRUN)
+                        } else {
+                            let c = port.target.io_done(unit, &io, outcome);
+                            finish(c, &mut data_in, in_capacity)
+                        }
+                    }
+                }
+            }
         }
     };
     let mut resp = Vec::with_capacity(resp_len);
@@ -106,9 +245,133 @@ pub fn command(
     resp.extend_from_slice(sense);
     resp.resize(resp_len, 0);
     if writer.write_all(&resp).is_err() {
-        return 0;
+        return Handled::Done(0);
     }
-    (writer.bytes_written() + data_in.bytes_written()) as u32
+    Handled::Done((writer.bytes_written() + data_in.bytes_written()) as u32)
+}
+
+/// The transfers the engine performs; discards and zeroing (rare, several ranges) go
+/// through the image layer directly.
+fn queued_kind(io: &MediumIo) -> bool {
+    matches!(
+        io.kind,
+        MediumIoKind::Read | MediumIoKind::Write | MediumIoKind::Flush
+    )
+}
+
+/// Hands a transfer to the port's engine. A request the engine refuses (its checks found a
+/// guest buffer outside memory) is answered at once.
+fn submit(
+    port: &mut Port,
+    set: &mut InFlightSet,
+    entry: InFlight,
+    data: Sg,
+) -> Result<(), Response> {
+    let Some(engine) = port.engine.as_mut() else {
+        return Err(Response::transport(S_FAILURE));
+    };
+    let id = set.next;
+    set.next = set.next.wrapping_add(1);
+    let req = match entry.io.kind {
+        MediumIoKind::Read => Request::read(entry.io.offset, data, id),
+        MediumIoKind::Write => Request::write(entry.io.offset, data, id),
+        _ => Request::flush(id),
+    };
+    match engine.submit(req) {
+        Ok(()) => {
+            set.map.insert(id, entry);
+            Ok(())
+        }
+        Err(IoError::BadGuestMemory { .. }) => Err(Response::transport(S_FAILURE)),
+        Err(e) => {
+            tracing::debug!("virtio-scsi: the I/O engine refused a request: {e}");
+            let c = port
+                .target
+                .io_done(entry.lun, &entry.io, Err(IoFailure::Other));
+            Err(Response {
+                response: S_OK,
+                status: c.status.code(),
+                sense: c
+                    .sense
+                    .map(|s| s.fixed_format().to_vec())
+                    .unwrap_or_default(),
+                resid: entry.in_capacity as u32,
+            })
+        }
+    }
+}
+
+/// Collects port `port`'s finished transfers; returns (queue, head, used length) for each
+/// request now answered.
+pub fn reap(
+    mem: &GuestMemoryMmap,
+    port_id: u8,
+    port: &mut Port,
+    set: &mut InFlightSet,
+) -> Vec<(usize, u16, u32)> {
+    let Some(engine) = port.engine.as_mut() else {
+        return Vec::new();
+    };
+    let done: Vec<_> = engine.completions().collect();
+    let mut answered = Vec::new();
+    for c in done {
+        let Some(mut entry) = set.map.remove(&c.user_data) else {
+            continue;
+        };
+        if entry.port != port_id {
+            continue;
+        }
+        let result = match &c.result {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_no_space() => {
+                tracing::error!(
+                    "virtio-scsi: the host disk is full: free space on it; the guest sees write errors until then"
+                );
+                Err(IoFailure::NoSpace)
+            }
+            Err(e) => {
+                tracing::warn!("virtio-scsi: {e}");
+                Err(IoFailure::Medium)
+            }
+        };
+        // A write with FUA is complete once the flush after it is.
+        if result.is_ok() && entry.io.fua && !entry.flushing {
+            entry.flushing = true;
+            let id = c.user_data;
+            if let Some(engine) = port.engine.as_mut() {
+                if engine.submit(Request::flush(id)).is_ok() {
+                    set.map.insert(id, entry);
+                    continue;
+                }
+            }
+        }
+        let moved = match (&entry.io.kind, &result) {
+            (MediumIoKind::Read, Ok(())) => entry.io.len as usize,
+            _ => 0,
+        };
+        let comp = port.target.io_done(entry.lun, &entry.io, result);
+        let sense = comp
+            .sense
+            .map(|s| s.fixed_format().to_vec())
+            .unwrap_or_default();
+        let resp_len = sg_len(&entry.resp);
+        let sense = &sense[..sense.len().min(resp_len.saturating_sub(RESP_HEADER))];
+        let mut resp = Vec::with_capacity(resp_len);
+        resp.extend_from_slice(&(sense.len() as u32).to_le_bytes());
+        resp.extend_from_slice(&(entry.in_capacity.saturating_sub(moved) as u32).to_le_bytes());
+        resp.extend_from_slice(&0u16.to_le_bytes());
+        resp.push(comp.status.code());
+        resp.push(S_OK);
+        resp.extend_from_slice(sense);
+        resp.resize(resp_len, 0);
+        let used = if write_sg(mem, &entry.resp, &resp) {
+            (resp_len + moved) as u32
+        } else {
+            0
+        };
+        answered.push((entry.queue, entry.head, used));
+    }
+    answered
 }
 
 /// The target and LUN of a virtio-scsi LUN field: 1, target, then a flat-space LUN.
@@ -117,31 +380,6 @@ fn address(lun: &[u8]) -> Option<(u8, u16)> {
         [1, target, hi, lo, ..] => Some((*target, (u16::from(*hi & 0x3f) << 8) | u16::from(*lo))),
         _ => None,
     }
-}
-
-fn run(
-    port: &mut Port,
-    lun: u16,
-    cdb: &[u8],
-    reader: &mut Reader<'_>,
-    data_in: &mut Writer<'_>,
-) -> Response {
-    let in_capacity = data_in.available_bytes();
-    let result = port.target.execute(lun, cdb, &mut ChainDataOut(reader));
-    let completion = match result {
-        ScsiResult::Complete(c) => c,
-        ScsiResult::Io(io) => {
-            let (outcome, short) = match &port.medium {
-                Some(disk) => perform(disk, &io, reader, data_in),
-                None => (Err(IoFailure::Other), false),
-            };
-            if short {
-                return Response::transport(S_OVERRUN);
-            }
-            port.target.io_done(lun, &io, outcome)
-        }
-    };
-    finish(completion, data_in, in_capacity)
 }
 
 fn finish(c: Completion, data_in: &mut Writer<'_>, in_capacity: usize) -> Response {

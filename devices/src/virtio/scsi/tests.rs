@@ -47,7 +47,7 @@ fn disk_unit(size: u64) -> LogicalUnit {
 fn setup(name: &str) -> (Image, Driver) {
     let (img, disk) = image(name, 1 << 20);
     let mut dev = VirtioScsi::new(1);
-    dev.attach(2, disk_unit(1 << 20), Some(disk)).unwrap();
+    dev.attach(2, disk_unit(1 << 20), Some(disk), None).unwrap();
     (img, Driver::new(Box::new(dev), F_HOTPLUG | F_CHANGE))
 }
 
@@ -184,8 +184,8 @@ fn task_management_and_hotplug_events() {
 fn event_for_a_removed_unit() {
     let mut dev = VirtioScsi::new(1);
     let (_img, disk) = image("ev", 1 << 20);
-    dev.attach(4, disk_unit(1 << 20), Some(disk)).unwrap();
-    assert!(dev.attach(4, disk_unit(1 << 20), None).is_err());
+    dev.attach(4, disk_unit(1 << 20), Some(disk), None).unwrap();
+    assert!(dev.attach(4, disk_unit(1 << 20), None, None).is_err());
     assert!(dev.detach(4).is_some());
     let mut d = Driver::new(Box::new(dev), F_HOTPLUG);
     let (used, b) = d.request(1, &[], &[16]);
@@ -199,4 +199,45 @@ fn event_for_a_removed_unit() {
         u32::from_le_bytes(b[0][12..16].try_into().unwrap()),
         EVT_RESET_REMOVED
     );
+}
+
+/// The same commands with the data moved by an I/O engine (io_uring or threads), in both
+/// host cache modes, including a FUA write (the flush after it).
+#[test]
+fn reads_and_writes_through_the_io_engine() {
+    use ferry_storage::io::{EngineOptions, IoEngine};
+    for host_cache in [true, false] {
+        let (img, disk) = image(if host_cache { "eng-c" } else { "eng-d" }, 1 << 20);
+        let mem = Driver::memory();
+        let engine = IoEngine::new(
+            disk.clone(),
+            mem.clone(),
+            EngineOptions {
+                host_cache,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut dev = VirtioScsi::new(1);
+        dev.attach(2, disk_unit(1 << 20), Some(disk), Some(engine))
+            .unwrap();
+        let mut d = Driver::with_memory(mem, Box::new(dev), 0);
+        cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 5) as u8).collect();
+        // WRITE(10) with FUA (byte 1 bit 3), 8 blocks at LBA 16.
+        let b = cmd(&mut d, 2, &[0x2a, 0x08, 0, 0, 0, 16, 0, 0, 8, 0], &data, 0);
+        assert_eq!(resp(&b[0]), (0, 0, 0));
+        let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0, 16, 0, 0, 8, 0], &[], 4096);
+        assert_eq!(resp(&b[0]), (0, 0, 0));
+        assert_eq!(b[1], data);
+        assert_eq!(
+            u32::from_le_bytes(b[0][4..8].try_into().unwrap()),
+            0,
+            "no residual"
+        );
+        let b = cmd(&mut d, 2, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+        assert_eq!(resp(&b[0]), (0, 0, 0));
+        let on_disk = std::fs::read(&img.0).unwrap();
+        assert_eq!(&on_disk[8192..12288], &data[..]);
+    }
 }
