@@ -211,7 +211,7 @@ fio --name=t --filename=/tmp/f --size=8M --rw=randwrite --bs=4k --verify=crc32c 
 # virtio-scsi: Linux's virtio_scsi driver finds the disks with their sizes and rotation flag,
 # fio with verification passes on each, and what the guest wrote is in the image files.
 sc_virtio_scsi() {
-    n=virtio_scsi
+    n=${N:-virtio_scsi}
     small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
     rm -f "$OUT"/vs-*
     truncate -s 256M "$OUT/vs-0.raw" && truncate -s 128M "$OUT/vs-1.raw" || { fail $n "cannot make the disk files"; return; }
@@ -229,7 +229,7 @@ done
 yes FERRY-PATTERN | head -c 1048576 | dd of=$port1 bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written
 i=0; while [ $i -lt 10 ] && [ ! -b /dev/sr0 ]; do sleep 1; i=$((i + 1)); done
 echo "DVD $(cat /sys/block/sr0/size 2>/dev/null) $(sha256sum /dev/sr0 | cut -d" " -f1)"' \
-        --memory 512M --cpus 2 --storagectl name=s,type=virtio-scsi \
+        --memory 512M --cpus 2 --storagectl "name=s,type=virtio-scsi${CTL_OPTS:-}" \
         --attach "ctl=s,port=0,medium=$OUT/vs-0.raw" \
         --attach "ctl=s,port=1,medium=$OUT/vs-1.raw,nonrotational=on" \
         --attach "ctl=s,port=2,medium=$here/test.iso,type=dvd"
@@ -294,7 +294,63 @@ sync; echo WRITTEN=yes' --memory 512M --cpus 2 $attach
     pass $n
 }
 
-all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats"
+# The whole raw-disk and DVD check again with the host cache off (O_DIRECT where the test
+# host's file system allows it, aligned bounce buffers where the guest's are not).
+sc_virtio_scsi_nocache() {
+    CTL_OPTS=",hostiocache=off" N=virtio_scsi_nocache
+    sc_virtio_scsi
+    CTL_OPTS="" N=""
+}
+
+# discard=on: what the guest discards (blkdiscard: SCSI UNMAP) leaves the raw image's host
+# space; the same image after plain writes keeps it.
+sc_virtio_scsi_discard() {
+    n=virtio_scsi_discard
+    rm -f "$OUT/vd.raw"
+    truncate -s 64M "$OUT/vd.raw" || { fail $n "cannot make the disk file"; return; }
+    disk="--storagectl name=s,type=virtio-scsi --attach ctl=s,port=0,medium=$OUT/vd.raw,discard=on"
+    # shellcheck disable=SC2086
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i + 1)); done
+echo "MODE=$(cat /sys/block/sda/device/scsi_disk/*/provisioning_mode)"
+yes FERRY-DISCARD | head -c 33554432 | dd of=/dev/sda bs=1M oflag=direct 2>/dev/null; sync; echo WROTE=1' --memory 256M $disk
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    [ "$(value MODE "$OUT/$n.log")" = unmap ] || { fail $n "Linux does not see a thin-provisioned disk (provisioning_mode $(value MODE "$OUT/$n.log"))"; return; }
+    full=$(du -k "$OUT/vd.raw" | cut -f1)
+    [ "$full" -ge 32768 ] || { fail $n "the guest's 32 MiB took only $full KiB on the host"; return; }
+    # shellcheck disable=SC2086
+    boot ${n}_2 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i + 1)); done
+blkdiscard /dev/sda && echo DISCARDED=1' --memory 256M $disk
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0 from the discarding boot")"; return; }
+    [ "$(value DISCARDED "$OUT/${n}_2.log")" = 1 ] || { fail $n "blkdiscard failed in the guest"; return; }
+    left=$(du -k "$OUT/vd.raw" | cut -f1)
+    [ "$left" -lt 4096 ] || { fail $n "after blkdiscard the image still takes $left KiB (was $full)"; return; }
+    pass $n
+}
+
+# Two disks in one 8 MiB/s bandwidth group: sequential reads on both at once add up to the
+# group's limit, not twice it.
+sc_virtio_scsi_bwgroup() {
+    n=virtio_scsi_bwgroup
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT"/vb-*
+    truncate -s 256M "$OUT/vb-0.raw" && truncate -s 256M "$OUT/vb-1.raw" || { INITRD=$small; fail $n "cannot make the disk files"; return; }
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdb ]; do sleep 1; i=$((i + 1)); done
+fio --output-format=terse --group_reporting --rw=read --bs=1M --direct=1 --ioengine=libaio --iodepth=4 \
+    --time_based --runtime=8 --name=a --filename=/dev/sda --name=b --filename=/dev/sdb |
+  awk -F";" "{ print \"BW=\" \$7 }"' --memory 512M --bwgroup name=g,limit=8M \
+        --storagectl name=s,type=virtio-scsi \
+        --attach "ctl=s,port=0,medium=$OUT/vb-0.raw,bwgroup=g" \
+        --attach "ctl=s,port=1,medium=$OUT/vb-1.raw,bwgroup=g"
+    INITRD=$small
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    bw=$(value BW "$OUT/$n.log")
+    # 8 MiB/s = 8192 KiB/s; fio's figure includes its ramp, so allow 15%.
+    { [ -n "$bw" ] && [ "$bw" -ge 6963 ] && [ "$bw" -le 9420 ]; } ||
+        { fail $n "two disks in an 8 MiB/s group read ${bw:-?} KiB/s together"; return; }
+    pass $n
+}
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup"
 if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"
