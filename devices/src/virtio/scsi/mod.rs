@@ -303,7 +303,9 @@ impl VirtioDevice for VirtioScsi {
                     if queue.disable_notification(mem).is_err() {
                         break;
                     }
+                    let mut popped = 0usize;
                     while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                        popped += 1;
                         let head = chain.head_index();
                         let mut ctx = request::CommandCtx {
                             ports: &mut self.ports,
@@ -320,8 +322,11 @@ impl VirtioDevice for VirtioScsi {
                             used = true;
                         }
                     }
+                    // More buffers arrived while notifications were off: go round again,
+                    // unless this pass found none (a ring index the guest broke would
+                    // otherwise keep the loop spinning).
                     match queue.enable_notification(mem) {
-                        Ok(true) => continue,
+                        Ok(true) if popped > 0 => continue,
                         _ => break,
                     }
                 }

@@ -241,3 +241,27 @@ fn reads_and_writes_through_the_io_engine() {
         assert_eq!(&on_disk[8192..12288], &data[..]);
     }
 }
+
+/// A driver that breaks its available ring index (more entries than the queue holds) with
+/// EVENT_IDX on: the device gives up on the queue instead of spinning on it.
+#[test]
+fn a_broken_ring_index_does_not_spin() {
+    use vm_memory::{Bytes, GuestAddress};
+    let (_img, disk) = image("spin", 1 << 20);
+    let mut dev = VirtioScsi::new(1);
+    dev.attach(0, disk_unit(1 << 20), Some(disk), None).unwrap();
+    let mut d = Driver::new(Box::new(dev), crate::virtio::F_RING_EVENT_IDX);
+    // Queue 2's available ring index (see testing.rs: rings at 0x10000 + q * 0x1000).
+    d.mem
+        .write_obj(40u16, GuestAddress(0x1_0000 + 2 * 0x1000 + 0x102))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        d.dev.queue_notified(2);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(),
+        "the device kept spinning on a broken ring"
+    );
+}
