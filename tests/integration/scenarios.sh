@@ -324,6 +324,7 @@ blkdiscard /dev/sda && echo DISCARDED=1' --memory 256M $disk
     [ "$(value DISCARDED "$OUT/${n}_2.log")" = 1 ] || { fail $n "blkdiscard failed in the guest"; return; }
     left=$(du -k "$OUT/vd.raw" | cut -f1)
     [ "$left" -lt 4096 ] || { fail $n "after blkdiscard the image still takes $left KiB (was $full)"; return; }
+    echo "FERRY-TEST-INFO $n: the image took $full KiB after the guest's writes, $left KiB after blkdiscard"
     pass $n
 }
 
@@ -347,6 +348,7 @@ fio --output-format=terse --group_reporting --rw=read --bs=1M --direct=1 --ioeng
     # 8 MiB/s = 8192 KiB/s; fio's figure includes its ramp, so allow 15%.
     { [ -n "$bw" ] && [ "$bw" -ge 6963 ] && [ "$bw" -le 9420 ]; } ||
         { fail $n "two disks in an 8 MiB/s group read ${bw:-?} KiB/s together"; return; }
+    echo "FERRY-TEST-INFO $n: two disks in an 8 MiB/s group read $bw KiB/s together"
     pass $n
 }
 

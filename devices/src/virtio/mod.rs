@@ -39,6 +39,8 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: forget requests in flight and negotiated state.
     fn reset(&mut self);
+    /// The concrete device, for the machine to reach its own controls (media change, ...).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Queue `index` has new buffers. Returns the queues that got used buffers, so the
     /// transport can interrupt the driver for them.
     fn process_queue(

@@ -192,6 +192,11 @@ impl VirtioPci {
         self.interrupt(vector, ISR_QUEUE);
     }
 
+    /// The device behind the transport (downcast with `as_any_mut`).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// The device's own event sources (I/O completions); the vmm polls them.
     pub fn device_events(&self) -> Vec<Arc<EventFd>> {
         self.device.event_sources()
@@ -522,6 +527,9 @@ mod tests {
             data.fill(offset as u8);
         }
         fn reset(&mut self) {}
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
         fn process_queue(
             &mut self,
             i: usize,

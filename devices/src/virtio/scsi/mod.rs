@@ -50,6 +50,11 @@ pub struct Event {
 pub const T_TRANSPORT_RESET: u32 = 1;
 pub const EVT_RESET_RESCAN: u32 = 0;
 pub const EVT_RESET_REMOVED: u32 = 2;
+/// VIRTIO_SCSI_T_PARAM_CHANGE: a unit's parameters changed; the reason carries the unit
+/// attention's ASC (bits 0..8) and ASCQ (bits 8..16).
+pub const T_PARAM_CHANGE: u32 = 3;
+const ASC_MEDIUM_CHANGED: u32 = 0x28;
+const ASC_MEDIUM_NOT_PRESENT: u32 = 0x3a;
 const T_EVENTS_MISSED: u32 = 0x8000_0000;
 
 pub struct VirtioScsi {
@@ -62,6 +67,8 @@ pub struct VirtioScsi {
     cdb_size: u32,
     events: VecDeque<Event>,
     events_missed: bool,
+    /// Features the driver accepted (events are only sent for those it asked for).
+    features: u64,
 }
 
 impl VirtioScsi {
@@ -75,6 +82,7 @@ impl VirtioScsi {
             cdb_size: DEFAULT_CDB_SIZE,
             events: VecDeque::new(),
             events_missed: false,
+            features: 0,
         }
     }
 
@@ -114,6 +122,40 @@ impl VirtioScsi {
             reason: EVT_RESET_REMOVED,
         });
         Some(p)
+    }
+
+    /// Puts `medium` into the CD/DVD drive on `port`, or ejects it (None). The guest sees a
+    /// unit attention and, if it asked for VIRTIO_SCSI_F_CHANGE, an event; the transport must
+    /// then run the event queue (`VirtioPci::queue_notified(1)`). The new medium is read inline
+    /// through the image layer.
+    pub fn change_medium(&mut self, port: u8, medium: Option<Arc<Disk>>) -> Result<(), String> {
+        let p = self
+            .ports
+            .get_mut(&port)
+            .ok_or_else(|| format!("port {port} has nothing attached"))?;
+        let Some(LogicalUnit::Cd(cd)) = p.target.unit_mut(0) else {
+            return Err(format!("port {port} is not a CD/DVD drive"));
+        };
+        let asc = match &medium {
+            Some(m) => {
+                cd.insert(m.size());
+                ASC_MEDIUM_CHANGED
+            }
+            None => {
+                cd.eject();
+                ASC_MEDIUM_NOT_PRESENT
+            }
+        };
+        p.medium = medium;
+        p.engine = None;
+        if self.features & F_CHANGE != 0 {
+            self.events.push_back(Event {
+                event: T_PARAM_CHANGE,
+                target: port,
+                reason: asc,
+            });
+        }
+        Ok(())
     }
 
     pub fn port_mut(&mut self, port: u8) -> Option<&mut Port> {
@@ -215,7 +257,16 @@ impl VirtioDevice for VirtioScsi {
         }
     }
 
+    fn activate(&mut self, features: u64) {
+        self.features = features;
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn reset(&mut self) {
+        self.features = 0;
         self.sense_size = DEFAULT_SENSE_SIZE;
         self.cdb_size = DEFAULT_CDB_SIZE;
         // Transfers still on the host complete into nothing: their buffers are the old

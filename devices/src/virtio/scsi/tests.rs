@@ -265,3 +265,55 @@ fn a_broken_ring_index_does_not_spin() {
         "the device kept spinning on a broken ring"
     );
 }
+
+/// Inserting and ejecting a DVD: the driver that asked for VIRTIO_SCSI_F_CHANGE gets a
+/// PARAM_CHANGE event with the unit attention's sense code, and the unit reports the change.
+#[test]
+fn media_change_events() {
+    use crate::scsi::{CdParams, CdUnit};
+    let (_img, disk) = image("dvd", 1 << 20);
+    let mut dev = VirtioScsi::new(1);
+    let cd = CdUnit::new(CdParams {
+        vendor: "FERRY",
+        product: "DVD-ROM",
+        serial: "D0".into(),
+        atapi: false,
+    });
+    dev.attach(3, LogicalUnit::Cd(cd), None, None).unwrap();
+    let mut d = Driver::new(Box::new(dev), F_CHANGE);
+    // Empty drive: NOT READY, MEDIUM NOT PRESENT (after the power-on attention).
+    cmd(&mut d, 3, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    let b = cmd(&mut d, 3, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp(&b[0]), (0, 2, 2));
+    let scsi = d
+        .dev
+        .device_mut()
+        .as_any_mut()
+        .downcast_mut::<VirtioScsi>()
+        .unwrap();
+    scsi.change_medium(3, Some(disk)).unwrap();
+    assert!(scsi.change_medium(7, None).is_err());
+    let (used, b) = d.request(1, &[], &[16]);
+    assert_eq!(used, Some(16));
+    assert_eq!(
+        u32::from_le_bytes(b[0][0..4].try_into().unwrap()),
+        T_PARAM_CHANGE
+    );
+    assert_eq!(&b[0][4..6], &[1, 3]);
+    assert_eq!(u32::from_le_bytes(b[0][12..16].try_into().unwrap()), 0x28);
+    // The unit reports MEDIUM CHANGED once, then reads the new medium in 2048-byte blocks.
+    let b = cmd(&mut d, 3, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp(&b[0]), (0, 2, 6));
+    let b = cmd(&mut d, 3, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(&b[1][..8], &[0, 0, 0x01, 0xff, 0, 0, 8, 0]);
+    // Eject: another event, MEDIUM NOT PRESENT.
+    let scsi = d
+        .dev
+        .device_mut()
+        .as_any_mut()
+        .downcast_mut::<VirtioScsi>()
+        .unwrap();
+    scsi.change_medium(3, None).unwrap();
+    let (_, b) = d.request(1, &[], &[16]);
+    assert_eq!(u32::from_le_bytes(b[0][12..16].try_into().unwrap()), 0x3a);
+}
