@@ -195,7 +195,9 @@ impl IoEngine {
         // A ring on an image-layer disk would carry nothing: those requests need threads.
         let uring = if raw.is_some() { uring } else { None };
         let pool_eventfd = eventfd.try_clone().map_err(EngineError::EventFd)?;
-        let pool = ThreadPool::new(opts.threads, pool_eventfd).map_err(EngineError::Threads)?;
+        // With io_uring carrying a raw image the pool is idle: one thread is enough.
+        let threads = if uring.is_some() { 1 } else { opts.threads };
+        let pool = ThreadPool::new(threads, pool_eventfd).map_err(EngineError::Threads)?;
         let timer = match &opts.bwgroup {
             Some(_) => Some(
                 Timer::new(eventfd.try_clone().map_err(EngineError::EventFd)?)
@@ -364,10 +366,9 @@ impl IoEngine {
             return Err(IoError::LengthMismatch { len: r.len, sg_len });
         }
         if r.len > MAX_TRANSFER {
-            return Err(IoError::OutOfRange {
-                offset: r.offset,
+            return Err(IoError::TooLarge {
                 len: r.len,
-                size: MAX_TRANSFER,
+                max: MAX_TRANSFER,
             });
         }
         Iovecs::from_guest(&self.mem, &r.sg).map(Some)

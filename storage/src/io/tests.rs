@@ -193,6 +193,18 @@ fn bad_requests_are_refused_and_never_performed() {
     let mut r = Request::write(0, g(0, 512), 11);
     r.len = 1024;
     assert!(matches!(e.submit(r), Err(IoError::LengthMismatch { .. })));
+    let huge = vec![(GuestAddress(0), 8 << 20); 9];
+    assert!(matches!(
+        e.submit(Request::read(0, huge, 12)),
+        Err(IoError::OutOfRange { .. })
+    ));
+    let disk_big = raw_disk("big.raw", 256 * MIB);
+    let mut big = engine(disk_big, &mem, true, EngineChoice::Auto);
+    let huge = vec![(GuestAddress(0), 8 << 20); 9];
+    assert!(matches!(
+        big.submit(Request::read(0, huge, 13)),
+        Err(IoError::TooLarge { .. })
+    ));
     assert_eq!(e.outstanding(), 0);
     assert!(std::fs::read(disk.layers()[0].path())
         .unwrap()
