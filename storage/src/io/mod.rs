@@ -24,7 +24,9 @@ mod work;
 pub mod bwgroup;
 
 pub use bwgroup::{parse_rate, BandwidthGroup, BandwidthGroupSpec, BandwidthSpecError};
-pub use engine::{EngineChoice, EngineError, EngineKind, EngineOptions, IoEngine, MAX_TRANSFER};
+pub use engine::{
+    EngineChoice, EngineError, EngineKind, EngineOptions, IoEngine, IoStats, MAX_TRANSFER,
+};
 pub use request::{Completion, IoError, IoOp, Request, SECTOR};
 #[cfg(test)]
 mod tests;
