@@ -462,7 +462,8 @@ fn stream(engines: &mut [IoEngine], secs: f64) -> f64 {
                 next += 1;
             }
         }
-        engines[0].wait(Duration::from_millis(5));
+        // Short: the loop waits on one disk's eventfd, the other may be ready first.
+        engines[0].wait(Duration::from_millis(1));
         for e in engines.iter_mut() {
             moved += e
                 .completions()
@@ -471,6 +472,20 @@ fn stream(engines: &mut [IoEngine], secs: f64) -> f64 {
         }
     }
     moved as f64 / start.elapsed().as_secs_f64() / MIB as f64
+}
+
+/// The rate two disks reach together, within `want` ± 10%: measured again once when the
+/// first second is off, as a host too busy to run the test thread for a while looks slow.
+fn assert_rate(engines: &mut [IoEngine], want: f64) {
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = stream(engines, 1.0);
+        seen.push(r);
+        if (r - want).abs() <= want * 0.1 {
+            return;
+        }
+    }
+    panic!("two disks in a {want} MiB/s group moved {seen:.1?} MiB/s");
 }
 
 #[test]
@@ -487,17 +502,23 @@ fn bandwidth_group_shared_by_two_disks() {
         })
         .collect();
     stream(&mut engines, 0.2); // past the initial burst
-    let r = stream(&mut engines, 1.0);
-    assert!(
-        (18.0..=22.0).contains(&r),
-        "two disks in a 20M group moved {r:.1} MiB/s"
-    );
+    assert_rate(&mut engines, 20.0);
     group.set_limit(40 << 20);
     // The new limit applies within 100 ms.
     stream(&mut engines, 0.1);
-    let r = stream(&mut engines, 1.0);
-    assert!(
-        (36.0..=44.0).contains(&r),
-        "after raising the limit to 40M: {r:.1} MiB/s"
-    );
+    assert_rate(&mut engines, 40.0);
+}
+
+#[test]
+fn engine_moves_to_the_event_loop_thread() {
+    fn send<T: Send>() {}
+    send::<IoEngine>();
+    send::<Completion>();
+    let mem = memory();
+    let mut e = engine(raw_disk("send.raw", MIB), &mem, true, EngineChoice::Auto);
+    let r =
+        std::thread::spawn(move || run(&mut e, Request::read(0, vec![(GuestAddress(0), 512)], 1)))
+            .join()
+            .unwrap();
+    assert_eq!(r.unwrap(), 512);
 }
