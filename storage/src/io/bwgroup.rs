@@ -222,8 +222,12 @@ impl BandwidthGroup {
     /// Takes `bytes` and one operation if the group is not in debt; otherwise says how long
     /// to wait before asking again.
     pub fn try_take(&self, bytes: u64) -> Result<(), Duration> {
+        self.try_take_at(bytes, Instant::now())
+    }
+
+    /// `try_take` at a given time (tests drive a simulated clock with it).
+    fn try_take_at(&self, bytes: u64, now: Instant) -> Result<(), Duration> {
         let mut st = self.lock();
-        let now = Instant::now();
         let elapsed = now.saturating_duration_since(st.last);
         st.last = now;
         st.bytes.refill(elapsed);
@@ -305,31 +309,37 @@ mod tests {
         assert_eq!(bad("name=a,name=b"), Repeated { key: "name".into() });
     }
 
-    /// Drains the group as fast as it lets requests through for `secs` and returns bytes/s.
-    fn measure(g: &BandwidthGroup, req: u64, secs: f64) -> f64 {
+    /// Takes requests of `req` bytes as fast as the group lets them through, on a simulated
+    /// clock starting at `t`, for `secs`; returns the rate and the clock's end.
+    fn measure(g: &BandwidthGroup, req: u64, t: Instant, secs: f64) -> (f64, Instant) {
+        let mut now = t;
         // Spend the saved-up burst first: the rate is what follows it.
-        while g.try_take(req).is_ok() {}
-        let start = Instant::now();
+        while g.try_take_at(req, now).is_ok() {}
+        let start = now;
+        let end = start + Duration::from_secs_f64(secs);
         let mut moved = 0u64;
-        while start.elapsed().as_secs_f64() < secs {
-            match g.try_take(req) {
+        while now < end {
+            match g.try_take_at(req, now) {
                 Ok(()) => moved += req,
-                Err(w) => std::thread::sleep(w.min(Duration::from_millis(5))),
+                // A waiter is woken a little late, as a real one is.
+                Err(w) => now += w + Duration::from_micros(300),
             }
         }
-        moved as f64 / start.elapsed().as_secs_f64()
+        (moved as f64 / (now - start).as_secs_f64(), now)
     }
 
     #[test]
     fn bucket_holds_the_rate_and_follows_changes() {
         let g = BandwidthGroup::new(&"name=t,limit=10M".parse().unwrap());
-        let r = measure(&g, 64 << 10, 0.5);
+        let t = Instant::now();
+        let (r, t) = measure(&g, 64 << 10, t, 2.0);
         let want = 10.0 * (1 << 20) as f64;
-        assert!((r - want).abs() < want * 0.1, "{r} bytes/s, want {want}");
+        assert!((r - want).abs() < want * 0.02, "{r} bytes/s, want {want}");
         g.set_limit(40 << 20);
-        let r = measure(&g, 1 << 20, 0.5);
+        // Requests larger than the burst still pass, at the rate.
+        let (r, _) = measure(&g, 8 << 20, t, 4.0);
         let want = 40.0 * (1 << 20) as f64;
-        assert!((r - want).abs() < want * 0.1, "{r} bytes/s, want {want}");
+        assert!((r - want).abs() < want * 0.05, "{r} bytes/s, want {want}");
         // Unlimited: nothing waits.
         g.set_limit(0);
         assert!((0..1000).all(|_| g.try_take(1 << 30).is_ok()));
@@ -338,7 +348,7 @@ mod tests {
     #[test]
     fn iops_limit() {
         let g = BandwidthGroup::new(&"name=t,iops=1000".parse().unwrap());
-        let r = measure(&g, 1, 0.4);
-        assert!((r - 1000.0).abs() < 100.0, "{r} ops/s");
+        let (r, _) = measure(&g, 1, Instant::now(), 2.0);
+        assert!((r - 1000.0).abs() < 20.0, "{r} ops/s");
     }
 }

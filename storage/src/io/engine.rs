@@ -37,6 +37,9 @@ pub const MAX_TRANSFER: u64 = 64 << 20;
 /// applies within this.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
 
+/// The most iovecs one readv/writev takes (Linux UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
 /// Which engine performs the host I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -541,22 +544,25 @@ impl IoEngine {
             .direct
             .as_ref()
             .filter(|_| offset.is_multiple_of(raw.off_align) && len.is_multiple_of(raw.off_align));
-        let (fd, iov) = match direct {
-            // Offsets O_DIRECT cannot take (a 512-byte sector on a 4K-sector host disk) go
-            // through the page cache; a flush syncs both, as they are one file.
-            None => (buffered, iov),
-            Some(f) if iov.aligned(raw.mem_align, raw.off_align as usize) => (f.as_raw_fd(), iov),
-            Some(f) => {
-                let mut bounce = AlignedBuf::new(len as usize, raw.mem_align);
-                if req.op == IoOp::Write {
-                    gather(&self.mem, &req.sg, bounce.as_mut_slice())?;
-                } else {
-                    slot.copy_to = req.sg.clone();
-                }
-                let iov = Iovecs::from_buf(&mut bounce);
-                slot.bounce = Some(bounce);
-                (f.as_raw_fd(), iov)
+        // Offsets O_DIRECT cannot take (a 512-byte sector on a 4K-sector host disk) go
+        // through the page cache; a flush syncs both, as they are one file.
+        let fd = direct.map_or(buffered, |f| f.as_raw_fd());
+        // A bounce buffer where O_DIRECT cannot take the guest's buffers as they are, or where
+        // the list is longer than one system call takes (IOV_MAX).
+        let bounce = iov.count() > IOV_MAX
+            || (direct.is_some() && !iov.aligned(raw.mem_align, raw.off_align as usize));
+        let iov = if bounce {
+            let mut buf = AlignedBuf::new(len as usize, raw.mem_align);
+            if req.op == IoOp::Write {
+                gather(&self.mem, &req.sg, buf.as_mut_slice())?;
+            } else {
+                slot.copy_to = req.sg.clone();
             }
+            let iov = Iovecs::from_buf(&mut buf);
+            slot.bounce = Some(buf);
+            iov
+        } else {
+            iov
         };
         Ok(match req.op {
             IoOp::Read => Work::Readv { fd, offset, iov },

@@ -169,6 +169,34 @@ fn many_requests_in_flight() {
 }
 
 #[test]
+fn long_scatter_gather_lists() {
+    let mem = memory();
+    for cache in [true, false] {
+        let disk = raw_disk(&format!("long-sg-{cache}.raw"), 4 * MIB);
+        let mut e = engine(disk, &mem, cache, EngineChoice::Auto);
+        // 1100 entries of 512 bytes, every other 512 bytes of guest memory: more than one
+        // readv takes.
+        let sg: Vec<_> = (0..1100u64)
+            .map(|i| (GuestAddress(i * 1024), 512))
+            .collect();
+        let data = pattern(1100 * 512, 4);
+        for (i, &(a, l)) in sg.iter().enumerate() {
+            mem.write_slice(&data[i * 512..][..l], a).unwrap();
+        }
+        assert_eq!(
+            run(&mut e, Request::write(0, sg, 1)).unwrap(),
+            data.len() as u64
+        );
+        let back_sg = vec![(GuestAddress(4 << 20), data.len())];
+        run(&mut e, Request::read(0, back_sg, 2)).unwrap();
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(4 << 20)).unwrap();
+        assert_eq!(back, data, "cache={cache}");
+        assert_eq!(e.stats().bounced, 1);
+    }
+}
+
+#[test]
 fn bad_requests_are_refused_and_never_performed() {
     let mem = memory();
     let disk = raw_disk("bad.raw", MIB);
