@@ -8,22 +8,21 @@
 //! through [`Disk`], with one copy between guest memory and a host buffer.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bwgroup::BandwidthGroup;
 use super::iovec::{AlignedBuf, Iovecs};
+use super::raw_file::{open_raw, RawFiles};
 use super::request::{Completion, IoError, IoOp, Request, SECTOR};
 use super::thread_pool::{Finished, ThreadPool};
+use super::throttle_timer::Timer;
 use super::uring::Uring;
 use super::work::Work;
 use crate::layer::FormatKind;
@@ -102,16 +101,6 @@ pub enum EngineError {
     Threads(io::Error),
     #[error("io_uring was asked for but the host kernel does not offer it: {0}")]
     Uring(io::Error),
-}
-
-/// A raw image's file, opened by the engine itself for the fast path.
-struct RawFiles {
-    buffered: File,
-    /// O_DIRECT (host cache off), where the file system supports it.
-    direct: Option<File>,
-    /// O_DIRECT's alignment of memory, and of file offsets and lengths.
-    mem_align: usize,
-    off_align: u64,
 }
 
 /// A request that passed validation, waiting for the host (bandwidth group, full queue).
@@ -717,122 +706,4 @@ fn scatter(
         pos += len;
     }
     Ok(())
-}
-
-fn open_raw(path: &Path, writable: bool, host_cache: bool) -> Result<RawFiles, EngineError> {
-    let open = |flags: i32| {
-        OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|source| EngineError::Open {
-                path: path.into(),
-                source,
-            })
-    };
-    let buffered = open(0)?;
-    let mut direct = None;
-    if !host_cache {
-        match open(libc::O_DIRECT) {
-            Ok(f) => direct = Some(f),
-            Err(EngineError::Open { source, .. })
-                if source.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                tracing::warn!(
-                    "{}: the host file system does not support O_DIRECT; hostiocache=off uses the page cache",
-                    path.display()
-                );
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    // Without STATX_DIOALIGN (Linux < 6.1) assume 4 KiB, which every block device accepts.
-    let (mut mem_align, mut off_align) = (4096usize, 4096u64);
-    if let Some(f) = &direct {
-        use rustix::fs::{statx, AtFlags, StatxFlags};
-        if let Ok(st) = statx(f.as_fd(), "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
-            if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
-                && st.stx_dio_mem_align > 0
-                && st.stx_dio_offset_align > 0
-            {
-                mem_align = st.stx_dio_mem_align as usize;
-                off_align = u64::from(st.stx_dio_offset_align);
-            }
-        }
-    }
-    Ok(RawFiles {
-        buffered,
-        direct,
-        mem_align,
-        off_align,
-    })
-}
-
-/// Wakes the event loop when a request held back by its bandwidth group may go.
-struct Timer {
-    shared: Arc<(Mutex<TimerState>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct TimerState {
-    deadline: Option<Instant>,
-    stop: bool,
-}
-
-impl Timer {
-    fn new(eventfd: EventFd) -> io::Result<Self> {
-        let shared: Arc<(Mutex<TimerState>, Condvar)> = Arc::default();
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ferry-io-throttle".into())
-            .spawn(move || {
-                let (m, cv) = &*s;
-                let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-                while !st.stop {
-                    match st.deadline {
-                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-                        Some(d) => {
-                            let now = Instant::now();
-                            if now >= d {
-                                st.deadline = None;
-                                let _ = eventfd.write(1);
-                            } else {
-                                st = cv
-                                    .wait_timeout(st, d - now)
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .0;
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// Signals the eventfd after `after` (or earlier, if already armed for earlier).
-    fn arm(&self, after: Duration) {
-        let (m, cv) = &*self.shared;
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-        let at = Instant::now() + after;
-        if st.deadline.is_none_or(|d| at < d) {
-            st.deadline = Some(at);
-            cv.notify_one();
-        }
-    }
-}
-
-impl Drop for Timer {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.shared;
-        m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-        cv.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }

@@ -36,8 +36,10 @@
 mod engine;
 #[allow(unsafe_code)]
 mod iovec;
+mod raw_file;
 mod request;
 mod thread_pool;
+mod throttle_timer;
 #[allow(unsafe_code)]
 mod uring;
 #[allow(unsafe_code)]
