@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bwgroup::BandwidthGroup;
@@ -117,9 +117,12 @@ struct Slot {
     len: u64,
     /// Kept here while io_uring may use its buffers (pool work travels with the job).
     work: Option<Work>,
-    /// O_DIRECT bounce buffer; for a read, copied to `copy_to` at completion.
+    /// A read's scatter-gather list (a write's is done with once the host has it).
+    sg: Vec<(GuestAddress, usize)>,
+    /// O_DIRECT bounce buffer (or the image layer's buffer); for a read, copied to `sg` at
+    /// completion when `copy_back`.
     bounce: Option<AlignedBuf>,
-    copy_to: Vec<(GuestAddress, usize)>,
+    copy_back: bool,
 }
 
 /// How the engine moved data so far: lets a test (or a curious user) see that the fast path
@@ -440,7 +443,8 @@ impl IoEngine {
             len: req.len,
             work: None,
             bounce: None,
-            copy_to: Vec::new(),
+            sg: Vec::new(),
+            copy_back: false,
         };
         let work = match self.prepare(&req, iov, &mut slot) {
             Ok(w) => w,
@@ -449,6 +453,9 @@ impl IoEngine {
                 return Ok(());
             }
         };
+        if req.op == IoOp::Read {
+            slot.sg = req.sg;
+        }
         match &work {
             Work::Readv { fd, .. } | Work::Writev { fd, .. } => {
                 if slot.bounce.is_some() {
@@ -500,7 +507,7 @@ impl IoEngine {
             let disk = self.disk.clone();
             return Ok(match req.op {
                 IoOp::Read => {
-                    slot.copy_to = req.sg.clone();
+                    slot.copy_back = true;
                     Work::DiskRead {
                         disk,
                         offset,
@@ -545,7 +552,7 @@ impl IoEngine {
             if req.op == IoOp::Write {
                 gather(&self.mem, &req.sg, buf.as_mut_slice())?;
             } else {
-                slot.copy_to = req.sg.clone();
+                slot.copy_back = true;
             }
             let iov = Iovecs::from_buf(&mut buf);
             slot.bounce = Some(buf);
@@ -609,22 +616,38 @@ impl IoEngine {
             IoOp::Read => {}
         }
         let work = work.or(slot.work.take());
+        let mut result = result;
+        if let (Ok(n), IoOp::Read) = (&result, slot.op) {
+            let n = *n;
+            if n < slot.len && self.raw_ends_at(slot.offset + n) {
+                // The file was cut shorter than the disk: past its end the disk reads zeros,
+                // as through the image layer.
+                match &mut slot.bounce {
+                    Some(b) => b.as_mut_slice()[n as usize..].fill(0),
+                    None => zero_from(&self.mem, &slot.sg, n as usize),
+                }
+                result = Ok(slot.len);
+            }
+        }
         let result = result.and_then(|n| match slot.op {
-            IoOp::Read | IoOp::Write if n != slot.len => Err(IoError::Host(io::Error::new(
-                if slot.op == IoOp::Write {
-                    io::ErrorKind::StorageFull
+            IoOp::Read | IoOp::Write if n != slot.len => {
+                // On a regular file a write stops short when the file system is full, and a
+                // read when the file was cut shorter than the disk under us.
+                tracing::debug!("short transfer: {n} of {} bytes", slot.len);
+                let errno = if slot.op == IoOp::Write {
+                    libc::ENOSPC
                 } else {
-                    io::ErrorKind::UnexpectedEof
-                },
-                format!("short transfer: {n} of {} bytes", slot.len),
-            ))),
-            IoOp::Read if !slot.copy_to.is_empty() => {
+                    libc::EIO
+                };
+                Err(IoError::Host(io::Error::from_raw_os_error(errno)))
+            }
+            IoOp::Read if slot.copy_back => {
                 let data = match (&slot.bounce, &work) {
                     (Some(b), _) => b.as_slice(),
                     (None, Some(Work::DiskRead { buf, .. })) => buf.as_slice(),
                     _ => &[],
                 };
-                scatter(&self.mem, &slot.copy_to, data).map(|_| n)
+                scatter(&self.mem, &slot.sg, data).map(|_| n)
             }
             IoOp::Discard => Ok(slot.len),
             _ => Ok(n),
@@ -636,6 +659,14 @@ impl IoEngine {
             user_data: slot.user_data,
             result,
         });
+    }
+
+    /// Whether the raw file ends at or before `pos` (a short read there is its end).
+    fn raw_ends_at(&self, pos: u64) -> bool {
+        self.raw
+            .as_ref()
+            .and_then(|r| r.buffered.metadata().ok())
+            .is_some_and(|m| m.len() <= pos)
     }
 
     fn log_failure(&self, slot: &Slot, e: &IoError) {
@@ -688,6 +719,19 @@ fn gather(
         pos += len;
     }
     Ok(())
+}
+
+/// Zeroes the guest's scatter-gather list from byte `from` on.
+fn zero_from(mem: &GuestMemoryMmap, sg: &[(GuestAddress, usize)], from: usize) {
+    let mut pos = 0usize;
+    for &(addr, len) in sg {
+        let skip = from.saturating_sub(pos).min(len);
+        if skip < len {
+            // Checked at submit: the range is guest memory.
+            let _ = mem.write_slice(&vec![0u8; len - skip], addr.unchecked_add(skip as u64));
+        }
+        pos += len;
+    }
 }
 
 /// Copies `data` out to the guest's scatter-gather list.
