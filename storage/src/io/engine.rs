@@ -449,6 +449,11 @@ impl IoEngine {
         let work = match self.prepare(&req, iov, &mut slot) {
             Ok(w) => w,
             Err(e) => {
+                match req.op {
+                    IoOp::Write | IoOp::Discard => self.writes_in_flight -= 1,
+                    IoOp::Flush => self.flushes_in_flight -= 1,
+                    IoOp::Read => {}
+                }
                 self.complete_now(req.user_data, Err(e));
                 return Ok(());
             }
