@@ -15,11 +15,31 @@ use crate::{create_image, CreateOptions, Disk};
 
 const MIB: u64 = 1 << 20;
 
+/// The scratch files a test thread made, removed when the thread (the test) ends.
+struct Scratch(std::cell::RefCell<Vec<PathBuf>>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter() {
+            let _ = std::fs::remove_file(p);
+            // The folder goes with the last test's files (fails quietly while others remain).
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-io-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     let _ = std::fs::remove_file(&p);
+    SCRATCH.with(|s| s.0.borrow_mut().push(p.clone()));
     p
 }
 
