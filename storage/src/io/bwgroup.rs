@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How much a bucket may save up while idle: a tenth of a second of its rate.
@@ -246,6 +246,50 @@ impl BandwidthGroup {
     }
 }
 
+/// Every `--bwgroup` of a VM, by name: attachments that name a group share its object.
+#[derive(Debug, Default)]
+pub struct BandwidthGroups {
+    groups: std::collections::BTreeMap<String, Arc<BandwidthGroup>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BandwidthGroupsError {
+    #[error("--bwgroup {0} is given twice; give each group once")]
+    Duplicate(String),
+    #[error("bandwidth group '{name}' is not defined; add --bwgroup name={name},limit=RATE (known: {known})")]
+    Unknown { name: String, known: String },
+}
+
+impl BandwidthGroups {
+    pub fn new(specs: &[BandwidthGroupSpec]) -> Result<Self, BandwidthGroupsError> {
+        let mut groups = std::collections::BTreeMap::new();
+        for spec in specs {
+            if groups
+                .insert(spec.name.clone(), Arc::new(BandwidthGroup::new(spec)))
+                .is_some()
+            {
+                return Err(BandwidthGroupsError::Duplicate(spec.name.clone()));
+            }
+        }
+        Ok(Self { groups })
+    }
+
+    /// The group an attachment's `bwgroup=NAME` names.
+    pub fn get(&self, name: &str) -> Result<Arc<BandwidthGroup>, BandwidthGroupsError> {
+        self.groups
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BandwidthGroupsError::Unknown {
+                name: name.into(),
+                known: if self.groups.is_empty() {
+                    "none".into()
+                } else {
+                    self.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                },
+            })
+    }
+}
+
 /// A byte rate as the user writes it.
 struct Rate(u64);
 
@@ -343,6 +387,30 @@ mod tests {
         // Unlimited: nothing waits.
         g.set_limit(0);
         assert!((0..1000).all(|_| g.try_take(1 << 30).is_ok()));
+    }
+
+    #[test]
+    fn attachments_share_a_group_by_name() {
+        let specs: Vec<BandwidthGroupSpec> = ["name=a,limit=1M", "name=b,iops=10"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let groups = BandwidthGroups::new(&specs).unwrap();
+        let (one, two) = (groups.get("a").unwrap(), groups.get("a").unwrap());
+        assert!(Arc::ptr_eq(&one, &two));
+        one.set_limit(5 << 20);
+        assert_eq!(two.limit(), 5 << 20);
+        assert_eq!(groups.get("b").unwrap().iops(), 10);
+        let err = groups.get("c").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bandwidth group 'c' is not defined; add --bwgroup name=c,limit=RATE (known: a, b)"
+        );
+        let twice = [specs[0].clone(), specs[0].clone()];
+        assert_eq!(
+            BandwidthGroups::new(&twice).unwrap_err(),
+            BandwidthGroupsError::Duplicate("a".into())
+        );
     }
 
     #[test]

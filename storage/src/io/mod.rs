@@ -47,7 +47,10 @@ mod work;
 
 pub mod bwgroup;
 
-pub use bwgroup::{parse_rate, BandwidthGroup, BandwidthGroupSpec, BandwidthSpecError};
+pub use bwgroup::{
+    parse_rate, BandwidthGroup, BandwidthGroupSpec, BandwidthGroups, BandwidthGroupsError,
+    BandwidthSpecError,
+};
 pub use engine::{
     EngineChoice, EngineError, EngineKind, EngineOptions, IoEngine, IoStats, MAX_TRANSFER,
 };
