@@ -8,22 +8,21 @@
 //! through [`Disk`], with one copy between guest memory and a host buffer.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bwgroup::BandwidthGroup;
 use super::iovec::{AlignedBuf, Iovecs};
+use super::raw_file::{open_raw, RawFiles};
 use super::request::{Completion, IoError, IoOp, Request, SECTOR};
 use super::thread_pool::{Finished, ThreadPool};
+use super::throttle_timer::Timer;
 use super::uring::Uring;
 use super::work::Work;
 use crate::layer::FormatKind;
@@ -36,6 +35,9 @@ pub const MAX_TRANSFER: u64 = 64 << 20;
 /// How often a request held back by its bandwidth group looks again: a changed limit
 /// applies within this.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// The most iovecs one readv/writev takes (Linux UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 
 /// Which engine performs the host I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,16 +103,6 @@ pub enum EngineError {
     Uring(io::Error),
 }
 
-/// A raw image's file, opened by the engine itself for the fast path.
-struct RawFiles {
-    buffered: File,
-    /// O_DIRECT (host cache off), where the file system supports it.
-    direct: Option<File>,
-    /// O_DIRECT's alignment of memory, and of file offsets and lengths.
-    mem_align: usize,
-    off_align: u64,
-}
-
 /// A request that passed validation, waiting for the host (bandwidth group, full queue).
 struct Pending {
     req: Request,
@@ -125,9 +117,26 @@ struct Slot {
     len: u64,
     /// Kept here while io_uring may use its buffers (pool work travels with the job).
     work: Option<Work>,
-    /// O_DIRECT bounce buffer; for a read, copied to `copy_to` at completion.
+    /// A read's scatter-gather list (a write's is done with once the host has it).
+    sg: Vec<(GuestAddress, usize)>,
+    /// O_DIRECT bounce buffer (or the image layer's buffer); for a read, copied to `sg` at
+    /// completion when `copy_back`.
     bounce: Option<AlignedBuf>,
-    copy_to: Vec<(GuestAddress, usize)>,
+    copy_back: bool,
+}
+
+/// How the engine moved data so far: lets a test (or a curious user) see that the fast path
+/// copies nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Reads and writes straight between the file and guest memory.
+    pub zero_copy: u64,
+    /// Of those, through O_DIRECT (host cache off).
+    pub direct: u64,
+    /// Copied through an aligned bounce buffer (O_DIRECT, guest buffer not aligned).
+    pub bounced: u64,
+    /// Copied through the image layer (dynamic formats, chains).
+    pub image_layer: u64,
 }
 
 pub struct IoEngine {
@@ -156,6 +165,7 @@ pub struct IoEngine {
     max_in_flight: usize,
     kind: EngineKind,
     path: PathBuf,
+    stats: IoStats,
 }
 
 impl IoEngine {
@@ -195,7 +205,9 @@ impl IoEngine {
         // A ring on an image-layer disk would carry nothing: those requests need threads.
         let uring = if raw.is_some() { uring } else { None };
         let pool_eventfd = eventfd.try_clone().map_err(EngineError::EventFd)?;
-        let pool = ThreadPool::new(opts.threads, pool_eventfd).map_err(EngineError::Threads)?;
+        // With io_uring carrying a raw image the pool is idle: one thread is enough.
+        let threads = if uring.is_some() { 1 } else { opts.threads };
+        let pool = ThreadPool::new(threads, pool_eventfd).map_err(EngineError::Threads)?;
         let timer = match &opts.bwgroup {
             Some(_) => Some(
                 Timer::new(eventfd.try_clone().map_err(EngineError::EventFd)?)
@@ -261,6 +273,7 @@ impl IoEngine {
             max_in_flight: depth as usize,
             kind,
             path,
+            stats: IoStats::default(),
         })
     }
 
@@ -272,6 +285,10 @@ impl IoEngine {
     /// [`completions`](Self::completions) when it does.
     pub fn eventfd(&self) -> &EventFd {
         &self.eventfd
+    }
+
+    pub fn stats(&self) -> IoStats {
+        self.stats
     }
 
     pub fn disk(&self) -> &Arc<Disk> {
@@ -364,10 +381,9 @@ impl IoEngine {
             return Err(IoError::LengthMismatch { len: r.len, sg_len });
         }
         if r.len > MAX_TRANSFER {
-            return Err(IoError::OutOfRange {
-                offset: r.offset,
+            return Err(IoError::TooLarge {
                 len: r.len,
-                size: MAX_TRANSFER,
+                max: MAX_TRANSFER,
             });
         }
         Iovecs::from_guest(&self.mem, &r.sg).map(Some)
@@ -427,15 +443,39 @@ impl IoEngine {
             len: req.len,
             work: None,
             bounce: None,
-            copy_to: Vec::new(),
+            sg: Vec::new(),
+            copy_back: false,
         };
         let work = match self.prepare(&req, iov, &mut slot) {
             Ok(w) => w,
             Err(e) => {
+                match req.op {
+                    IoOp::Write | IoOp::Discard => self.writes_in_flight -= 1,
+                    IoOp::Flush => self.flushes_in_flight -= 1,
+                    IoOp::Read => {}
+                }
                 self.complete_now(req.user_data, Err(e));
                 return Ok(());
             }
         };
+        if req.op == IoOp::Read {
+            slot.sg = req.sg;
+        }
+        match &work {
+            Work::Readv { fd, .. } | Work::Writev { fd, .. } => {
+                if slot.bounce.is_some() {
+                    self.stats.bounced += 1;
+                } else {
+                    self.stats.zero_copy += 1;
+                    let direct = self.raw.as_ref().and_then(|r| r.direct.as_ref());
+                    if direct.is_some_and(|f| f.as_raw_fd() == *fd) {
+                        self.stats.direct += 1;
+                    }
+                }
+            }
+            Work::DiskRead { .. } | Work::DiskWrite { .. } => self.stats.image_layer += 1,
+            _ => {}
+        }
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
@@ -472,7 +512,7 @@ impl IoEngine {
             let disk = self.disk.clone();
             return Ok(match req.op {
                 IoOp::Read => {
-                    slot.copy_to = req.sg.clone();
+                    slot.copy_back = true;
                     Work::DiskRead {
                         disk,
                         offset,
@@ -505,22 +545,25 @@ impl IoEngine {
             .direct
             .as_ref()
             .filter(|_| offset.is_multiple_of(raw.off_align) && len.is_multiple_of(raw.off_align));
-        let (fd, iov) = match direct {
-            // Offsets O_DIRECT cannot take (a 512-byte sector on a 4K-sector host disk) go
-            // through the page cache; a flush syncs both, as they are one file.
-            None => (buffered, iov),
-            Some(f) if iov.aligned(raw.mem_align, raw.off_align as usize) => (f.as_raw_fd(), iov),
-            Some(f) => {
-                let mut bounce = AlignedBuf::new(len as usize, raw.mem_align);
-                if req.op == IoOp::Write {
-                    gather(&self.mem, &req.sg, bounce.as_mut_slice())?;
-                } else {
-                    slot.copy_to = req.sg.clone();
-                }
-                let iov = Iovecs::from_buf(&mut bounce);
-                slot.bounce = Some(bounce);
-                (f.as_raw_fd(), iov)
+        // Offsets O_DIRECT cannot take (a 512-byte sector on a 4K-sector host disk) go
+        // through the page cache; a flush syncs both, as they are one file.
+        let fd = direct.map_or(buffered, |f| f.as_raw_fd());
+        // A bounce buffer where O_DIRECT cannot take the guest's buffers as they are, or where
+        // the list is longer than one system call takes (IOV_MAX).
+        let bounce = iov.count() > IOV_MAX
+            || (direct.is_some() && !iov.aligned(raw.mem_align, raw.off_align as usize));
+        let iov = if bounce {
+            let mut buf = AlignedBuf::new(len as usize, raw.mem_align);
+            if req.op == IoOp::Write {
+                gather(&self.mem, &req.sg, buf.as_mut_slice())?;
+            } else {
+                slot.copy_back = true;
             }
+            let iov = Iovecs::from_buf(&mut buf);
+            slot.bounce = Some(buf);
+            iov
+        } else {
+            iov
         };
         Ok(match req.op {
             IoOp::Read => Work::Readv { fd, offset, iov },
@@ -578,22 +621,38 @@ impl IoEngine {
             IoOp::Read => {}
         }
         let work = work.or(slot.work.take());
+        let mut result = result;
+        if let (Ok(n), IoOp::Read) = (&result, slot.op) {
+            let n = *n;
+            if n < slot.len && self.raw_ends_at(slot.offset + n) {
+                // The file was cut shorter than the disk: past its end the disk reads zeros,
+                // as through the image layer.
+                match &mut slot.bounce {
+                    Some(b) => b.as_mut_slice()[n as usize..].fill(0),
+                    None => zero_from(&self.mem, &slot.sg, n as usize),
+                }
+                result = Ok(slot.len);
+            }
+        }
         let result = result.and_then(|n| match slot.op {
-            IoOp::Read | IoOp::Write if n != slot.len => Err(IoError::Host(io::Error::new(
-                if slot.op == IoOp::Write {
-                    io::ErrorKind::StorageFull
+            IoOp::Read | IoOp::Write if n != slot.len => {
+                // On a regular file a write stops short when the file system is full, and a
+                // read when the file was cut shorter than the disk under us.
+                tracing::debug!("short transfer: {n} of {} bytes", slot.len);
+                let errno = if slot.op == IoOp::Write {
+                    libc::ENOSPC
                 } else {
-                    io::ErrorKind::UnexpectedEof
-                },
-                format!("short transfer: {n} of {} bytes", slot.len),
-            ))),
-            IoOp::Read if !slot.copy_to.is_empty() => {
+                    libc::EIO
+                };
+                Err(IoError::Host(io::Error::from_raw_os_error(errno)))
+            }
+            IoOp::Read if slot.copy_back => {
                 let data = match (&slot.bounce, &work) {
                     (Some(b), _) => b.as_slice(),
                     (None, Some(Work::DiskRead { buf, .. })) => buf.as_slice(),
                     _ => &[],
                 };
-                scatter(&self.mem, &slot.copy_to, data).map(|_| n)
+                scatter(&self.mem, &slot.sg, data).map(|_| n)
             }
             IoOp::Discard => Ok(slot.len),
             _ => Ok(n),
@@ -605,6 +664,14 @@ impl IoEngine {
             user_data: slot.user_data,
             result,
         });
+    }
+
+    /// Whether the raw file ends at or before `pos` (a short read there is its end).
+    fn raw_ends_at(&self, pos: u64) -> bool {
+        self.raw
+            .as_ref()
+            .and_then(|r| r.buffered.metadata().ok())
+            .is_some_and(|m| m.len() <= pos)
     }
 
     fn log_failure(&self, slot: &Slot, e: &IoError) {
@@ -659,6 +726,19 @@ fn gather(
     Ok(())
 }
 
+/// Zeroes the guest's scatter-gather list from byte `from` on.
+fn zero_from(mem: &GuestMemoryMmap, sg: &[(GuestAddress, usize)], from: usize) {
+    let mut pos = 0usize;
+    for &(addr, len) in sg {
+        let skip = from.saturating_sub(pos).min(len);
+        if skip < len {
+            // Checked at submit: the range is guest memory.
+            let _ = mem.write_slice(&vec![0u8; len - skip], addr.unchecked_add(skip as u64));
+        }
+        pos += len;
+    }
+}
+
 /// Copies `data` out to the guest's scatter-gather list.
 fn scatter(
     mem: &GuestMemoryMmap,
@@ -675,122 +755,4 @@ fn scatter(
         pos += len;
     }
     Ok(())
-}
-
-fn open_raw(path: &Path, writable: bool, host_cache: bool) -> Result<RawFiles, EngineError> {
-    let open = |flags: i32| {
-        OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|source| EngineError::Open {
-                path: path.into(),
-                source,
-            })
-    };
-    let buffered = open(0)?;
-    let mut direct = None;
-    if !host_cache {
-        match open(libc::O_DIRECT) {
-            Ok(f) => direct = Some(f),
-            Err(EngineError::Open { source, .. })
-                if source.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                tracing::warn!(
-                    "{}: the host file system does not support O_DIRECT; hostiocache=off uses the page cache",
-                    path.display()
-                );
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    // Without STATX_DIOALIGN (Linux < 6.1) assume 4 KiB, which every block device accepts.
-    let (mut mem_align, mut off_align) = (4096usize, 4096u64);
-    if let Some(f) = &direct {
-        use rustix::fs::{statx, AtFlags, StatxFlags};
-        if let Ok(st) = statx(f.as_fd(), "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
-            if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
-                && st.stx_dio_mem_align > 0
-                && st.stx_dio_offset_align > 0
-            {
-                mem_align = st.stx_dio_mem_align as usize;
-                off_align = u64::from(st.stx_dio_offset_align);
-            }
-        }
-    }
-    Ok(RawFiles {
-        buffered,
-        direct,
-        mem_align,
-        off_align,
-    })
-}
-
-/// Wakes the event loop when a request held back by its bandwidth group may go.
-struct Timer {
-    shared: Arc<(Mutex<TimerState>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct TimerState {
-    deadline: Option<Instant>,
-    stop: bool,
-}
-
-impl Timer {
-    fn new(eventfd: EventFd) -> io::Result<Self> {
-        let shared: Arc<(Mutex<TimerState>, Condvar)> = Arc::default();
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ferry-io-throttle".into())
-            .spawn(move || {
-                let (m, cv) = &*s;
-                let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-                while !st.stop {
-                    match st.deadline {
-                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-                        Some(d) => {
-                            let now = Instant::now();
-                            if now >= d {
-                                st.deadline = None;
-                                let _ = eventfd.write(1);
-                            } else {
-                                st = cv
-                                    .wait_timeout(st, d - now)
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .0;
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// Signals the eventfd after `after` (or earlier, if already armed for earlier).
-    fn arm(&self, after: Duration) {
-        let (m, cv) = &*self.shared;
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-        let at = Instant::now() + after;
-        if st.deadline.is_none_or(|d| at < d) {
-            st.deadline = Some(at);
-            cv.notify_one();
-        }
-    }
-}
-
-impl Drop for Timer {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.shared;
-        m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-        cv.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }

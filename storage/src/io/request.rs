@@ -97,6 +97,8 @@ pub enum IoError {
         "the request's length {len:#x} is not the sum of its scatter-gather list ({sg_len:#x})"
     )]
     LengthMismatch { len: u64, sg_len: u64 },
+    #[error("a transfer of {len:#x} bytes is more than the engine takes at once ({max:#x})")]
+    TooLarge { len: u64, max: u64 },
     #[error("scatter-gather entry {addr:#x}+{len:#x} is outside guest memory")]
     BadGuestMemory { addr: u64, len: usize },
     #[error("the disk is read-only")]

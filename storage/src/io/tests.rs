@@ -15,11 +15,31 @@ use crate::{create_image, CreateOptions, Disk};
 
 const MIB: u64 = 1 << 20;
 
+/// The scratch files a test thread made, removed when the thread (the test) ends.
+struct Scratch(std::cell::RefCell<Vec<PathBuf>>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter() {
+            let _ = std::fs::remove_file(p);
+            // The folder goes with the last test's files (fails quietly while others remain).
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-io-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     let _ = std::fs::remove_file(&p);
+    SCRATCH.with(|s| s.0.borrow_mut().push(p.clone()));
     p
 }
 
@@ -107,6 +127,15 @@ fn raw_roundtrip_in_both_engines_and_cache_modes() {
             // The file holds the bytes, in order.
             let file = std::fs::read(disk.layers()[0].path()).unwrap();
             assert_eq!(&file[(MIB + 512) as usize..][..data.len()], &data[..]);
+            // Only the unaligned entry costs a copy, and only with O_DIRECT; with the host
+            // cache on nothing is copied.
+            let st = e.stats();
+            if cache && kind == EngineChoice::Auto {
+                assert_eq!((st.zero_copy, st.bounced), (1, 0), "{st:?}");
+            } else if !cache {
+                // The scratch folder's file system takes O_DIRECT (ext4, xfs, tmpfs >= 6.6).
+                assert_eq!((st.zero_copy, st.bounced), (0, 1), "{st:?}");
+            }
             // Read back elsewhere, aligned and not.
             for (addr, tag) in [(0x40000u64, 3), (0x60003, 4)] {
                 let sg = vec![(GuestAddress(addr), data.len())];
@@ -139,6 +168,9 @@ fn many_requests_in_flight() {
         let done = drain(&mut e);
         assert_eq!(done.len(), 64);
         assert!(done.iter().all(|c| c.result.is_ok()));
+        // Page-aligned guest buffers go to O_DIRECT as they are: no copy.
+        let st = e.stats();
+        assert_eq!((st.zero_copy, st.direct, st.bounced), (64, 64, 0), "{st:?}");
         for i in 0..64u64 {
             let off = (i * 37 % 2048) * 4096;
             let dst = 0x100000 + i * 4096;
@@ -153,6 +185,74 @@ fn many_requests_in_flight() {
                 .unwrap();
             assert_eq!(back, pattern(4096, i as u8), "{kind:?} request {i}");
         }
+    }
+}
+
+#[test]
+fn a_file_cut_short_reads_zeros_past_its_end() {
+    let mem = memory();
+    for kind in kinds() {
+        for cache in [true, false] {
+            let disk = raw_disk(&format!("cut-{kind:?}-{cache}.raw"), 4 * MIB);
+            let path = disk.layers()[0].path().to_path_buf();
+            let mut e = engine(disk, &mem, cache, kind);
+            mem.write_slice(&pattern(2 * MIB as usize, 1), GuestAddress(0))
+                .unwrap();
+            run(
+                &mut e,
+                Request::write(MIB, vec![(GuestAddress(0), 2 * MIB as usize)], 1),
+            )
+            .unwrap();
+            // Someone truncates the image under the running VM.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(2 * MIB)
+                .unwrap();
+            let dst = GuestAddress(4 << 20);
+            mem.write_slice(&vec![0xee; 2 * MIB as usize], dst).unwrap();
+            let n = run(&mut e, Request::read(MIB, vec![(dst, 2 * MIB as usize)], 2)).unwrap();
+            assert_eq!(n, 2 * MIB);
+            let mut back = vec![0u8; 2 * MIB as usize];
+            mem.read_slice(&mut back, dst).unwrap();
+            assert_eq!(
+                &back[..MIB as usize],
+                &pattern(2 * MIB as usize, 1)[..MIB as usize]
+            );
+            assert!(
+                back[MIB as usize..].iter().all(|&b| b == 0),
+                "{kind:?} cache={cache}"
+            );
+        }
+    }
+}
+
+#[test]
+fn long_scatter_gather_lists() {
+    let mem = memory();
+    for cache in [true, false] {
+        let disk = raw_disk(&format!("long-sg-{cache}.raw"), 4 * MIB);
+        let mut e = engine(disk, &mem, cache, EngineChoice::Auto);
+        // 1100 entries of 512 bytes, every other 512 bytes of guest memory: more than one
+        // readv takes.
+        let sg: Vec<_> = (0..1100u64)
+            .map(|i| (GuestAddress(i * 1024), 512))
+            .collect();
+        let data = pattern(1100 * 512, 4);
+        for (i, &(a, l)) in sg.iter().enumerate() {
+            mem.write_slice(&data[i * 512..][..l], a).unwrap();
+        }
+        assert_eq!(
+            run(&mut e, Request::write(0, sg, 1)).unwrap(),
+            data.len() as u64
+        );
+        let back_sg = vec![(GuestAddress(4 << 20), data.len())];
+        run(&mut e, Request::read(0, back_sg, 2)).unwrap();
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(4 << 20)).unwrap();
+        assert_eq!(back, data, "cache={cache}");
+        assert_eq!(e.stats().bounced, 1);
     }
 }
 
@@ -193,6 +293,18 @@ fn bad_requests_are_refused_and_never_performed() {
     let mut r = Request::write(0, g(0, 512), 11);
     r.len = 1024;
     assert!(matches!(e.submit(r), Err(IoError::LengthMismatch { .. })));
+    let huge = vec![(GuestAddress(0), 8 << 20); 9];
+    assert!(matches!(
+        e.submit(Request::read(0, huge, 12)),
+        Err(IoError::OutOfRange { .. })
+    ));
+    let disk_big = raw_disk("big.raw", 256 * MIB);
+    let mut big = engine(disk_big, &mem, true, EngineChoice::Auto);
+    let huge = vec![(GuestAddress(0), 8 << 20); 9];
+    assert!(matches!(
+        big.submit(Request::read(0, huge, 13)),
+        Err(IoError::TooLarge { .. })
+    ));
     assert_eq!(e.outstanding(), 0);
     assert!(std::fs::read(disk.layers()[0].path())
         .unwrap()
@@ -420,25 +532,23 @@ fn flush_without_writes_completes_at_once() {
     assert!(done[0].result.is_ok());
 }
 
-/// Streams 1 MiB reads from two disks in one group for `secs`; returns MiB/s together.
+/// Streams 256 KiB reads from two disks in one group for `secs`; returns MiB/s together.
 fn stream(engines: &mut [IoEngine], secs: f64) -> f64 {
+    const REQ: u64 = 256 << 10;
     let start = Instant::now();
     let mut moved = 0u64;
     let mut next = 0u64;
     while start.elapsed().as_secs_f64() < secs {
         for (i, e) in engines.iter_mut().enumerate() {
             while e.outstanding() < 4 {
-                let addr = GuestAddress((i as u64) << 22);
-                e.submit(Request::read(
-                    (next % 4) * MIB,
-                    vec![(addr, MIB as usize)],
-                    next,
-                ))
-                .unwrap();
+                let addr = GuestAddress(((i as u64) << 22) + (next % 4) * REQ);
+                let r = Request::read((next % 16) * REQ, vec![(addr, REQ as usize)], next);
+                e.submit(r).unwrap();
                 next += 1;
             }
         }
-        engines[0].wait(Duration::from_millis(5));
+        // Short: the loop waits on one disk's eventfd, the other may be ready first.
+        engines[0].wait(Duration::from_millis(1));
         for e in engines.iter_mut() {
             moved += e
                 .completions()
@@ -447,6 +557,20 @@ fn stream(engines: &mut [IoEngine], secs: f64) -> f64 {
         }
     }
     moved as f64 / start.elapsed().as_secs_f64() / MIB as f64
+}
+
+/// The rate two disks reach together, within `want` ± 10%: measured again (twice at most)
+/// when a second is off, as a host too busy to run the test thread for a while looks slow.
+fn assert_rate(engines: &mut [IoEngine], want: f64) {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = stream(engines, 1.0);
+        seen.push(r);
+        if (r - want).abs() <= want * 0.1 {
+            return;
+        }
+    }
+    panic!("two disks in a {want} MiB/s group moved {seen:.1?} MiB/s");
 }
 
 #[test]
@@ -463,17 +587,23 @@ fn bandwidth_group_shared_by_two_disks() {
         })
         .collect();
     stream(&mut engines, 0.2); // past the initial burst
-    let r = stream(&mut engines, 1.0);
-    assert!(
-        (18.0..=22.0).contains(&r),
-        "two disks in a 20M group moved {r:.1} MiB/s"
-    );
+    assert_rate(&mut engines, 20.0);
     group.set_limit(40 << 20);
     // The new limit applies within 100 ms.
     stream(&mut engines, 0.1);
-    let r = stream(&mut engines, 1.0);
-    assert!(
-        (36.0..=44.0).contains(&r),
-        "after raising the limit to 40M: {r:.1} MiB/s"
-    );
+    assert_rate(&mut engines, 40.0);
+}
+
+#[test]
+fn engine_moves_to_the_event_loop_thread() {
+    fn send<T: Send>() {}
+    send::<IoEngine>();
+    send::<Completion>();
+    let mem = memory();
+    let mut e = engine(raw_disk("send.raw", MIB), &mem, true, EngineChoice::Auto);
+    let r =
+        std::thread::spawn(move || run(&mut e, Request::read(0, vec![(GuestAddress(0), 512)], 1)))
+            .join()
+            .unwrap();
+    assert_eq!(r.unwrap(), 512);
 }

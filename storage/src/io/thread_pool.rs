@@ -2,6 +2,7 @@
 //! calls always, and for raw files where the kernel has no io_uring.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -22,6 +23,9 @@ struct Shared {
     ready: Condvar,
     done: Mutex<Vec<Finished>>,
     eventfd: EventFd,
+    /// Set when the eventfd was written and the engine has not reaped since: one write per
+    /// wake is enough, and spares a system call per job.
+    signalled: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,6 +49,7 @@ impl ThreadPool {
             ready: Condvar::new(),
             done: Mutex::new(Vec::new()),
             eventfd,
+            signalled: AtomicBool::new(false),
         });
         let mut pool = Self {
             shared,
@@ -66,6 +71,8 @@ impl ThreadPool {
     }
 
     pub(crate) fn reap(&self, out: &mut Vec<Finished>) {
+        // Cleared before taking the jobs: one finished after this signals again.
+        self.shared.signalled.store(false, Ordering::SeqCst);
         out.append(&mut lock(&self.shared.done));
     }
 }
@@ -87,6 +94,9 @@ fn worker(shared: &Shared) {
         };
         let result = work.run();
         lock(&shared.done).push((id, work, result));
+        if shared.signalled.swap(true, Ordering::SeqCst) {
+            continue;
+        }
         if let Err(e) = shared.eventfd.write(1) {
             tracing::error!("I/O engine: cannot signal a completion: {e}");
         }
