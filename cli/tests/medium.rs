@@ -265,6 +265,33 @@ fn create_info_clone_round_trip() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["status"], "clean", "{v}");
     assert!(o.status.success());
+    // --no-sync writes the same image (only without flushing it).
+    let fast = dir.join("fast.vdi");
+    let o = ferry(&[
+        "medium",
+        "clone",
+        p(&dst),
+        p(&fast),
+        "--format",
+        "vdi",
+        "--no-sync",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(content(&fast) == content(&dst));
+    let o = ferry(&[
+        "medium",
+        "clone",
+        p(&dst),
+        p(&fast),
+        "--format",
+        "vdi",
+        "--no-sync",
+        "--overwrite",
+    ]);
+    assert!(
+        !o.status.success(),
+        "--no-sync with --overwrite must be refused"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -188,11 +188,20 @@ pub fn set_uuid(path: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     let uuid = uuid.unwrap_or_else(Uuid::new_v4);
     // Opened read-only first: a file that does not open cleanly is never written to.
     let layer = open_image(path, false)?;
-    if layer.uuid().is_none() && layer.format() != FormatKind::Vmdk {
-        return Err(StorageError::Unsupported {
-            path: path.into(),
-            detail: format!("a {} image records no UUID to set", layer.format().name()),
-        });
+    match layer.format() {
+        FormatKind::Vdi | FormatKind::Vhd | FormatKind::Vmdk => {}
+        FormatKind::Parallels if path.is_dir() => {
+            return Err(StorageError::Unsupported {
+                path: path.into(),
+                detail: "a Parallels bundle keeps its UUIDs in DiskDescriptor.xml, which ferry does not rewrite yet".into(),
+            })
+        }
+        other => {
+            return Err(StorageError::Unsupported {
+                path: path.into(),
+                detail: format!("a {} image records no UUID to set", other.name()),
+            })
+        }
     }
     drop(layer);
     let layer = open_image(path, true)?;
