@@ -9,6 +9,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v readelf >/dev/null || need+=(binutils)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v unshare >/dev/null || need+=(util-linux)
+# qemu-img and qemu-io: the referee of the image tests, and the other party of the lock tests.
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 
 lists_missing() { ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
 
