@@ -69,18 +69,26 @@ b64=$(guest_script | base64 | tr -d '\n')
 cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
 ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus 2 --cmdline "$cmdline" \
     --storagectl "name=s,type=virtio-scsi,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
-    2>ferry.err | tr -d '\r' | sed -n 's/^RESULT /ferry /p' >results
+    2>ferry.err | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
 grep -q '^ferry ' results || { echo "BENCH ferry failed:"; tail -n 5 ferry.err | sed 's/^/BENCH   /'; }
 qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp 2 -nographic -no-reboot -vga none -nic none \
     -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
     -device virtio-scsi-pci,id=s -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
-    -device scsi-hd,drive=d,bus=s.0 2>qemu.err | tr -d '\r' | sed -n 's/^RESULT /qemu /p' >>results
+    -device scsi-hd,drive=d,bus=s.0 2>qemu.err | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results
 grep -q '^qemu ' results || { echo "BENCH qemu failed:"; tail -n 5 qemu.err | sed 's/^/BENCH   /'; }
 while read -r rw bs depth; do
     ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
         --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
         --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
 done <jobs >>results
+# A job without a result: show what the guest said.
+for vmm in ferry qemu; do
+    while read -r rw bs depth; do
+        grep -q "^$vmm $rw " results && continue
+        echo "BENCH $vmm: no result for $rw; its console ends:"
+        grep -v '^\[' $vmm.console | tail -n 6 | sed 's/^/BENCH   /'
+    done <jobs
+done
 awk '
     { iops[$1, $2] = $3; bw[$1, $2] = $4; if (!seen[$2]++) order[n++] = $2 }
     function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
