@@ -63,9 +63,12 @@ else
         [ "$status" = 124 ] || break
         # Scenarios the stalled host finished keep their results; the one it was in gets
         # one more try, unless it already had one.
-        hung=$(grep -a '^FERRY-TEST-START ' "$part" | tail -n 1 | cut -d' ' -f2)
+        # (The test host's console ends its lines with CR LF.)
+        hung=$(tr -d '\r' <"$part" | grep -a '^FERRY-TEST-START ' | tail -n 1 | cut -d' ' -f2)
         next=""
+        # Stalled before any scenario began: all of them run again.
         started=0
+        [ -n "$hung" ] || started=1
         for s in $remaining; do
             [ "$s" = "$hung" ] && started=1
             [ "$started" = 1 ] || continue
