@@ -229,7 +229,7 @@ done
 yes FERRY-PATTERN | head -c 1048576 | dd of=$port1 bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written
 i=0; while [ $i -lt 10 ] && [ ! -b /dev/sr0 ]; do sleep 1; i=$((i + 1)); done
 echo "DVD $(cat /sys/block/sr0/size 2>/dev/null) $(sha256sum /dev/sr0 | cut -d" " -f1)"' \
-        --memory 512M --cpus 2 --storagectl "name=s,type=virtio-scsi${CTL_OPTS:-}" \
+        --memory 512M --cpus 1 --storagectl "name=s,type=virtio-scsi${CTL_OPTS:-}" \
         --attach "ctl=s,port=0,medium=$OUT/vs-0.raw" \
         --attach "ctl=s,port=1,medium=$OUT/vs-1.raw,nonrotational=on" \
         --attach "ctl=s,port=2,medium=$here/test.iso,type=dvd"
@@ -249,6 +249,10 @@ echo "DVD $(cat /sys/block/sr0/size 2>/dev/null) $(sha256sum /dev/sr0 | cut -d" 
     pass $n
 }
 
+# The storage scenarios boot one vCPU: two-vCPU guests in the test host have twice died in a
+# triple fault with no oops before it (once at boot, once under fio), which QEMU TCG's
+# emulated SVM is the first suspect for (see the stall note in tests/testhost/run.sh); SMP
+# itself is covered by smp2_serial_file and mem_5g.
 # Dynamic images of every format on one virtio-scsi controller (made empty by qemu-img on the
 # build host): fio with verification on each, and a pattern the guest wrote that the host
 # reads back from each image through `ferry medium clone --format raw`.
@@ -273,7 +277,7 @@ for d in /sys/block/sd*; do
       --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO port$t ok" || { echo "FIO port$t FAIL"; cat /tmp/fio.err; }
   yes "FERRY-PORT-$t" | head -c 1048576 | dd of=$dev bs=65536 seek=1024 oflag=direct 2>/dev/null
 done
-sync; echo WRITTEN=yes' --memory 512M --cpus 2 $attach
+sync; echo WRITTEN=yes' --memory 512M --cpus 1 $attach
     log=$OUT/$n.log
     [ "$rc" = 0 ] || { INITRD=$small; fail $n "$(why_rc "expected 0")"; return; }
     for t in 0 1 2 3; do
