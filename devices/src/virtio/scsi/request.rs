@@ -132,6 +132,20 @@ struct Response {
 }
 
 impl Response {
+    /// virtio_scsi_cmd_resp in `resp_len` bytes; the sense is cut to the room there is.
+    fn encode(&self, resp_len: usize) -> Vec<u8> {
+        let sense = &self.sense[..self.sense.len().min(resp_len.saturating_sub(RESP_HEADER))];
+        let mut resp = Vec::with_capacity(resp_len);
+        resp.extend_from_slice(&(sense.len() as u32).to_le_bytes());
+        resp.extend_from_slice(&self.resid.to_le_bytes());
+        resp.extend_from_slice(&0u16.to_le_bytes());
+        resp.push(self.status);
+        resp.push(self.response);
+        resp.extend_from_slice(sense);
+        resp.resize(resp_len, 0);
+        resp
+    }
+
     fn transport(response: u8) -> Self {
         Self {
             response,
@@ -235,15 +249,7 @@ pub fn command(chain: Chain<'_>, mem: &GuestMemoryMmap, ctx: &mut CommandCtx<'_>
             }
         }
     };
-    let mut resp = Vec::with_capacity(resp_len);
-    let sense = &response.sense[..response.sense.len().min(sense_size)];
-    resp.extend_from_slice(&(sense.len() as u32).to_le_bytes());
-    resp.extend_from_slice(&response.resid.to_le_bytes());
-    resp.extend_from_slice(&0u16.to_le_bytes());
-    resp.push(response.status);
-    resp.push(response.response);
-    resp.extend_from_slice(sense);
-    resp.resize(resp_len, 0);
+    let resp = response.encode(resp_len);
     if writer.write_all(&resp).is_err() {
         return Handled::Done(0);
     }
@@ -350,20 +356,17 @@ pub fn reap(
             _ => 0,
         };
         let comp = port.target.io_done(entry.lun, &entry.io, result);
-        let sense = comp
-            .sense
-            .map(|s| s.fixed_format().to_vec())
-            .unwrap_or_default();
         let resp_len = sg_len(&entry.resp);
-        let sense = &sense[..sense.len().min(resp_len.saturating_sub(RESP_HEADER))];
-        let mut resp = Vec::with_capacity(resp_len);
-        resp.extend_from_slice(&(sense.len() as u32).to_le_bytes());
-        resp.extend_from_slice(&(entry.in_capacity.saturating_sub(moved) as u32).to_le_bytes());
-        resp.extend_from_slice(&0u16.to_le_bytes());
-        resp.push(comp.status.code());
-        resp.push(S_OK);
-        resp.extend_from_slice(sense);
-        resp.resize(resp_len, 0);
+        let resp = Response {
+            response: S_OK,
+            status: comp.status.code(),
+            sense: comp
+                .sense
+                .map(|s| s.fixed_format().to_vec())
+                .unwrap_or_default(),
+            resid: entry.in_capacity.saturating_sub(moved) as u32,
+        }
+        .encode(resp_len);
         let used = if write_sg(mem, &entry.resp, &resp) {
             (resp_len + moved) as u32
         } else {
