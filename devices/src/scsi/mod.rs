@@ -10,6 +10,7 @@
 //! ScsiTarget::attach(&mut self, lun: u16, unit: LogicalUnit) -> Result<(), ScsiError>
 //! ScsiTarget::detach(&mut self, lun: u16) -> Option<LogicalUnit>
 //! ScsiTarget::luns(&self) -> Vec<u16>
+//! ScsiTarget::unit(&self, lun: u16) -> Option<&LogicalUnit>
 //! ScsiTarget::unit_mut(&mut self, lun: u16) -> Option<&mut LogicalUnit>
 //! ScsiTarget::reset(&mut self)                          // bus/target reset: UA 29/00 again
 //! ScsiTarget::execute(&mut self, lun, cdb: &[u8], data_out: &mut dyn DataOut) -> ScsiResult
@@ -21,7 +22,7 @@
 //! DiskUnit::write_cache_enabled(&self) -> bool      // the guest's caching page WCE
 //! CdUnit::new(CdParams { vendor, product, serial, atapi }) -> CdUnit   // empty drive
 //! CdUnit::insert(&mut self, size_bytes) / eject() / request_eject() -> bool / is_loaded()
-//! LogicalUnit::{Disk(DiskUnit), Cd(CdUnit)}, as_disk_mut(), as_cd_mut(), reset()
+//! LogicalUnit::{Disk(DiskUnit), Cd(CdUnit)}, as_disk_mut(), as_cd(), as_cd_mut(), reset()
 //! ```
 //!
 //! `execute` returns either a finished [`Completion`] (status, sense, Data-In already cut to
@@ -198,6 +199,13 @@ impl LogicalUnit {
         }
     }
 
+    pub fn as_cd(&self) -> Option<&CdUnit> {
+        match self {
+            LogicalUnit::Cd(c) => Some(c),
+            LogicalUnit::Disk(_) => None,
+        }
+    }
+
     /// For the host's medium changes: `insert`, `eject`, `request_eject`.
     pub fn as_cd_mut(&mut self) -> Option<&mut CdUnit> {
         match self {
@@ -347,6 +355,10 @@ impl ScsiTarget {
 
     pub fn luns(&self) -> Vec<u16> {
         self.units.keys().copied().collect()
+    }
+
+    pub fn unit(&self, lun: u16) -> Option<&LogicalUnit> {
+        self.units.get(&lun)
     }
 
     pub fn unit_mut(&mut self, lun: u16) -> Option<&mut LogicalUnit> {
