@@ -37,6 +37,7 @@ bench: deps
 	tests/bench/io/run.sh
 	tests/bench/medium/run.sh
 	tests/bench/scsi/run.sh
+	tests/bench/ahci/run.sh
 
 clean:
 	cargo clean

@@ -133,9 +133,30 @@ fn definition(args: RunArgs) -> Result<VmDef, DefError> {
     Ok(def)
 }
 
+/// `FERRY_TEST_HOTPLUG=CONTROLLER:PORT`: the integration tests' stand-in for the control API
+/// that is still to come; SIGUSR1 then unplugs or replugs that port's unit.
+fn hotplug_test_hook() -> Option<(String, u8)> {
+    let v = std::env::var("FERRY_TEST_HOTPLUG").ok()?;
+    let parsed = v
+        .rsplit_once(':')
+        .and_then(|(c, p)| Some((c.to_string(), p.parse().ok()?)));
+    if parsed.is_none() {
+        tracing::warn!("FERRY_TEST_HOTPLUG={v} is not CONTROLLER:PORT; ignored");
+    }
+    parsed
+}
+
 /// Controller models that have a device behind them.
 fn implemented(kind: ControllerType) -> bool {
-    matches!(kind, ControllerType::VirtioScsi)
+    matches!(kind, ControllerType::VirtioScsi | ControllerType::Ahci)
+}
+
+/// The vmm's model for a controller type that has one.
+fn kind_of(kind: ControllerType) -> ControllerKind {
+    match kind {
+        ControllerType::Ahci => ControllerKind::Ahci,
+        _ => ControllerKind::VirtioScsi,
+    }
 }
 
 /// The machine's controllers with their opened media, in the definition's order. The
@@ -149,8 +170,9 @@ fn controllers(
         .iter()
         .map(|c| ControllerConfig {
             name: c.name.get_ref().clone(),
-            kind: ControllerKind::VirtioScsi,
+            kind: kind_of(*c.kind.get_ref()),
             host_io_cache: c.hostiocache.is_none_or(|h| h.0),
+            ports: c.ports.as_ref().map(|p| *p.get_ref()),
             units: Vec::new(),
         })
         .collect();
@@ -176,7 +198,8 @@ fn controllers(
             return Err(format!("no storage controller named '{}'", a.ctl.get_ref()));
         };
         let port = *a.port.get_ref();
-        // virtio-scsi ports are SCSI targets 0..=255.
+        // virtio-scsi ports are SCSI targets 0..=255, AHCI's 0..30 (checked with the
+        // definition).
         let port = u8::try_from(port).map_err(|_| {
             format!(
                 "port {port} of controller '{}' is out of range (0..=255)",
@@ -269,7 +292,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         .find(|c| !implemented(*c.kind.get_ref()))
     {
         eprintln!(
-            "ferry: error: storage controller type '{}' is not implemented yet (available: virtio-scsi)",
+            "ferry: error: storage controller type '{}' is not implemented yet (available: virtio-scsi, ahci)",
             c.kind.get_ref()
         );
         return ExitCode::from(EXIT_ERROR);
@@ -301,6 +324,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         serial,
         reboot: def.reboot.unwrap_or(false),
         storage,
+        hotplug_test: hotplug_test_hook(),
     };
     match ferry_vmm::run(&cfg) {
         Ok(Outcome::PowerOff) => {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acpi_pm;
+pub mod ahci;
 pub mod ata;
 pub mod bus;
 pub mod cmos;

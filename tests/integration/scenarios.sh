@@ -365,7 +365,154 @@ fio --output-format=terse --group_reporting --rw=read --bs=1M --direct=1 --ioeng
     pass $n
 }
 
-all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup"
+# AHCI: Linux's ahci driver finds two disks and an ATAPI DVD on three ports, with their sizes,
+# rotation flags and NCQ (queue depth 31 or 32); fio with verification passes on both disks,
+# what the guest wrote is in the image file, and the DVD reads back as test.iso.
+sc_ahci() {
+    n=${N:-ahci}
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT"/ah-*
+    truncate -s 256M "$OUT/ah-0.raw" && truncate -s 128M "$OUT/ah-2.raw" || { INITRD=$small; fail $n "cannot make the disk files"; return; }
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdb ]; do sleep 1; i=$((i + 1)); done
+# ataN is port N-1 of the only SATA controller.
+for d in /sys/block/sd*; do
+  a=$(readlink -f $d/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p")
+  echo "DISK port$((a - 1)) $(cat $d/size) rot=$(cat $d/queue/rotational) qd=$(cat $d/device/queue_depth) $(tr -d " " <$d/device/model)"
+  [ "$a" = 3 ] && port2=/dev/$(basename $d)
+done
+for dev in /dev/sda /dev/sdb; do
+  fio --name=v --filename=$dev --size=64M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+      --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO $dev ok" || { echo "FIO $dev FAIL"; cat /tmp/fio.err; }
+done
+yes FERRY-PATTERN | head -c 1048576 | dd of=$port2 bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written
+i=0; while [ $i -lt 10 ] && [ ! -b /dev/sr0 ]; do sleep 1; i=$((i + 1)); done
+echo "DVD $(cat /sys/block/sr0/size 2>/dev/null) $(sha256sum /dev/sr0 | cut -d" " -f1)"
+echo "ATAPI $(readlink -f /sys/block/sr0/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p")"' \
+        --memory 512M --cpus 1 --storagectl "name=sata,type=ahci${CTL_OPTS:-}" \
+        --attach "ctl=sata,port=0,medium=$OUT/ah-0.raw" \
+        --attach "ctl=sata,port=1,medium=$here/test.iso,type=dvd" \
+        --attach "ctl=sata,port=2,medium=$OUT/ah-2.raw,nonrotational=on"
+    INITRD=$small
+    log=$OUT/$n.log
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    grep -Eq '^DISK port0 524288 rot=1 qd=3[12] FERRYHARDDISK' "$log" || { fail $n "port 0 is not a 256 MiB rotational FERRY disk with NCQ"; return; }
+    grep -Eq '^DISK port2 262144 rot=0 qd=3[12] FERRYHARDDISK' "$log" || { fail $n "port 2 is not a 128 MiB non-rotational FERRY disk with NCQ"; return; }
+    grep -q '^FIO /dev/sda ok' "$log" || { fail $n "fio verify failed on sda"; return; }
+    grep -q '^FIO /dev/sdb ok' "$log" || { fail $n "fio verify failed on sdb"; return; }
+    [ "$(value PATTERN "$log")" = written ] || { fail $n "the guest could not write its pattern"; return; }
+    [ "$(sed -n 's/^ATAPI //p' "$log" | tr -d '\r')" = 2 ] || { fail $n "the DVD is not the ATAPI device on port 1"; return; }
+    want="DVD 2048 $(sha256sum "$here/test.iso" | cut -d' ' -f1)"
+    grep -q "^$want" "$log" || { fail $n "the DVD does not read back as test.iso ($want)"; return; }
+    yes FERRY-PATTERN | head -c 1048576 >"$OUT/ah-pattern"
+    dd if="$OUT/ah-2.raw" of="$OUT/ah-back" bs=65536 skip=16 count=16 2>/dev/null
+    cmp -s "$OUT/ah-pattern" "$OUT/ah-back" || { fail $n "the image file does not hold what the guest wrote"; return; }
+    pass $n
+}
+
+# Dynamic images of every format on one AHCI controller: fio with verification on each, and
+# a pattern the guest wrote that the host reads back through `ferry medium clone`.
+sc_ahci_formats() {
+    n=ahci_formats
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT"/af-*
+    attach="--storagectl name=sata,type=ahci,ports=4"
+    port=0
+    for f in vdi vmdk vhd hds; do
+        cp "$here/empty.$f" "$OUT/af-disk.$f" || { fail $n "no empty.$f in the payload"; INITRD=$small; return; }
+        attach="$attach --attach ctl=sata,port=$port,medium=$OUT/af-disk.$f"
+        port=$((port + 1))
+    done
+    # shellcheck disable=SC2086
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
+for d in /sys/block/sd*; do
+  dev=/dev/$(basename $d); a=$(readlink -f $d/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p"); t=$((a - 1))
+  fio --name=v --filename=$dev --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+      --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO port$t ok" || { echo "FIO port$t FAIL"; cat /tmp/fio.err; }
+  yes "FERRY-PORT-$t" | head -c 1048576 | dd of=$dev bs=65536 seek=1024 oflag=direct 2>/dev/null
+done
+sync; echo WRITTEN=yes' --memory 512M --cpus 1 $attach
+    INITRD=$small
+    log=$OUT/$n.log
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    for t in 0 1 2 3; do
+        grep -q "^FIO port$t ok" "$log" || { fail $n "fio verify failed on port $t"; return; }
+    done
+    t=0
+    for f in vdi vmdk vhd hds; do
+        rm -f "$OUT/af-back.raw"
+        "$FERRY" medium clone "$OUT/af-disk.$f" "$OUT/af-back.raw" --format raw >"$OUT/af-clone.log" 2>&1 ||
+            { fail $n "ferry medium clone of the $f image failed: $(tail -n 1 "$OUT/af-clone.log")"; return; }
+        want=$(yes "FERRY-PORT-$t" | head -c 1048576 | sha256sum | cut -d' ' -f1)
+        got=$(dd if="$OUT/af-back.raw" bs=65536 skip=1024 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || { fail $n "the $f image does not hold what the guest wrote on port $t"; return; }
+        t=$((t + 1))
+    done
+    pass $n
+}
+
+# discard=on on a SATA disk: Linux sends DATA SET MANAGEMENT (TRIM) for blkdiscard, and the
+# raw image gives the space back to the host.
+sc_ahci_trim() {
+    n=ahci_trim
+    rm -f "$OUT/at.raw"
+    truncate -s 64M "$OUT/at.raw" || { fail $n "cannot make the disk file"; return; }
+    disk="--storagectl name=sata,type=ahci,ports=1 --attach ctl=sata,port=0,medium=$OUT/at.raw,discard=on"
+    # shellcheck disable=SC2086
+    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i + 1)); done
+echo "DMAX=$(cat /sys/block/sda/queue/discard_max_bytes)"
+yes FERRY-DISCARD | head -c 33554432 | dd of=/dev/sda bs=1M oflag=direct 2>/dev/null; sync; echo WROTE=1' --memory 256M $disk
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    dmax=$(value DMAX "$OUT/$n.log")
+    { [ -n "$dmax" ] && [ "$dmax" -gt 0 ]; } || { fail $n "Linux does not see TRIM on the disk (discard_max_bytes ${dmax:-?})"; return; }
+    full=$(du -k "$OUT/at.raw" | cut -f1)
+    [ "$full" -ge 32768 ] || { fail $n "the guest's 32 MiB took only $full KiB on the host"; return; }
+    # shellcheck disable=SC2086
+    boot ${n}_2 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i + 1)); done
+blkdiscard /dev/sda && echo DISCARDED=1' --memory 256M $disk
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0 from the discarding boot")"; return; }
+    [ "$(value DISCARDED "$OUT/${n}_2.log")" = 1 ] || { fail $n "blkdiscard failed in the guest"; return; }
+    left=$(du -k "$OUT/at.raw" | cut -f1)
+    [ "$left" -lt 4096 ] || { fail $n "after blkdiscard the image still takes $left KiB (was $full)"; return; }
+    echo "FERRY-TEST-INFO $n: the image took $full KiB after the guest's writes, $left KiB after TRIM"
+    pass $n
+}
+
+# Hot-plug: the disk on port 0 goes away under a running guest and comes back (ferry's test
+# hook FERRY_TEST_HOTPLUG, SIGUSR1 each time); Linux's ahci sees both, and fio with
+# verification passes on the disk afterwards.
+sc_ahci_hotplug() {
+    n=ahci_hotplug
+    small=$INITRD; INITRD=${INITRD_FULL:-$here/initramfs-full.cpio.gz}
+    rm -f "$OUT/ahp.raw"
+    truncate -s 64M "$OUT/ahp.raw" || { INITRD=$small; fail $n "cannot make the disk file"; return; }
+    export FERRY_TEST_HOTPLUG=sata:0
+    start $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i + 1)); done
+echo HOTPLUG-READY
+i=0; while [ $i -lt 120 ] && ls /sys/block | grep -q "^sd"; do sleep 1; i=$((i + 1)); done
+ls /sys/block | grep -q "^sd" || echo UNPLUGGED=yes
+i=0; while [ $i -lt 120 ] && ! ls /sys/block | grep -q "^sd"; do sleep 1; i=$((i + 1)); done
+d=$(ls /sys/block | grep "^sd" | head -n 1)
+[ -n "$d" ] && echo "REPLUGGED=$d"
+fio --name=v --filename=/dev/$d --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+    --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO=ok" || { echo "FIO=fail"; cat /tmp/fio.err; }' \
+        --memory 512M --cpus 1 --storagectl name=sata,type=ahci,ports=2 \
+        --attach "ctl=sata,port=0,medium=$OUT/ahp.raw"
+    unset FERRY_TEST_HOTPLUG
+    INITRD=$small
+    log=$OUT/$n.log
+    if wait_for "$log" '^HOTPLUG-READY' 1 "$LIMIT"; then
+        kill -USR1 "$pid"
+        wait_for "$log" '^UNPLUGGED=yes' 1 150 && kill -USR1 "$pid"
+    fi
+    settle "$LIMIT"
+    [ "$rc" = 0 ] || { fail $n "$(why_rc "expected 0")"; return; }
+    [ "$(value UNPLUGGED "$log")" = yes ] || { fail $n "the guest never saw the disk go"; return; }
+    [ -n "$(value REPLUGGED "$log")" ] || { fail $n "the guest never saw the disk come back"; return; }
+    [ "$(value FIO "$log")" = ok ] || { fail $n "fio verify failed on the replugged disk"; return; }
+    pass $n
+}
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup ahci ahci_formats ahci_trim ahci_hotplug"
 if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"

@@ -22,7 +22,7 @@ use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, Sha
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
 use crate::hypervisor::{self, Hypervisor};
-use crate::storage::{attach_controllers, ControllerConfig, QueueHandler};
+use crate::storage::{attach_controllers, ControllerConfig, HotplugToggle, StorageHandler};
 use crate::{host, msr, vcpu, VmmError};
 
 /// I/O ports for PCI BARs: above the legacy devices, as the DSDT's _CRS offers them.
@@ -40,6 +40,8 @@ pub struct VmConfig {
     pub reboot: bool,
     /// Storage controllers with their disks and drives.
     pub storage: Vec<ControllerConfig>,
+    /// Test hook: SIGUSR1 unplugs and replugs the unit on this (AHCI controller, port).
+    pub hotplug_test: Option<(String, u8)>,
 }
 
 /// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
@@ -209,7 +211,27 @@ fn boot_once(
     )?;
     let mut root = PciRoot::new();
     root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
-    let queue_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
+    let storage_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
+    let mut queue_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    if let Some((name, port)) = &cfg.hotplug_test {
+        let ahci = cfg
+            .storage
+            .iter()
+            .zip(&storage_handlers)
+            .find(|(c, _)| &c.name == name)
+            .and_then(|(_, h)| h.ahci())
+            .ok_or_else(|| {
+                VmmError::Config(format!(
+                    "the hot-plug test hook names '{name}', which is not an AHCI controller"
+                ))
+            })?;
+        queue_handlers.push(Box::new(HotplugToggle::new(ahci, usize::from(*port))?));
+    }
+    queue_handlers.extend(
+        storage_handlers
+            .into_iter()
+            .map(StorageHandler::into_subscriber),
+    );
     root.set_doorbell_hook(vm.clone().doorbell_hook());
     let root = Arc::new(root);
     // What firmware would do before the kernel runs: give every BAR an address.
@@ -330,7 +352,7 @@ fn event_loop(
     sink: &SharedSink,
     input: ConsoleInput,
     signals: &SignalPipes,
-    queue_handlers: Vec<QueueHandler>,
+    queue_handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
 ) -> Result<Outcome, VmmError> {
     let ev_err = |e: event_manager::Error| VmmError::EventLoop(e.to_string());
     let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -340,7 +362,7 @@ fn event_loop(
     em.add_subscriber(Box::new(signals.watcher(exit.clone())?));
     em.add_subscriber(Box::new(ConsoleFlusher(sink.clone())));
     for h in queue_handlers {
-        em.add_subscriber(Box::new(h));
+        em.add_subscriber(h);
     }
     loop {
         // While console output is buffered, wake up soon to push it out (a prompt without a

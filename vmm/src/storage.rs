@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use ferry_devices::ahci::{Ahci, AhciParams, Unit as AhciUnit};
+use ferry_devices::ata::{AtaDevice, AtaDiskParams, AtapiParams};
 use ferry_devices::pci::{DevFn, PciRoot};
 use ferry_devices::scsi::{CdParams, CdUnit, DiskParams, DiskUnit, LogicalUnit};
 use ferry_devices::virtio::scsi::VirtioScsi;
@@ -22,12 +24,14 @@ use crate::VmmError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControllerKind {
     VirtioScsi,
+    Ahci,
 }
 
 impl ControllerKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::VirtioScsi => "virtio-scsi",
+            Self::Ahci => "ahci",
         }
     }
 }
@@ -39,6 +43,8 @@ pub struct ControllerConfig {
     pub kind: ControllerKind,
     /// Buffered host I/O (on) or O_DIRECT (off).
     pub host_io_cache: bool,
+    /// Ports the controller has, where the model takes a count (AHCI); None: its default.
+    pub ports: Option<u32>,
     pub units: Vec<UnitConfig>,
 }
 
@@ -71,15 +77,15 @@ impl std::fmt::Debug for UnitConfig {
 /// The first slot after the host bridge.
 const FIRST_SLOT: u8 = 1;
 
-/// Builds every controller and plugs it into `root`; returns the queue handlers that the
-/// event loop must run.
+/// Builds every controller and plugs it into `root`; returns the event handlers that the
+/// event loop must run (doorbells and I/O completions).
 pub fn attach_controllers(
     vm: &Arc<dyn Vm>,
     mem: &GuestMemoryMmap,
     cpus: u32,
     root: &mut PciRoot,
     controllers: &[ControllerConfig],
-) -> Result<Vec<QueueHandler>, VmmError> {
+) -> Result<Vec<StorageHandler>, VmmError> {
     let mut handlers = Vec::new();
     for (i, c) in controllers.iter().enumerate() {
         let slot = FIRST_SLOT + i as u8;
@@ -90,34 +96,12 @@ pub fn attach_controllers(
             )));
         }
         let gsi = pci_intx_gsi(slot, 0);
-        match c.kind {
+        let devfn = DevFn::new(slot, 0);
+        let handler = match c.kind {
             ControllerKind::VirtioScsi => {
                 let mut dev = VirtioScsi::new(cpus.clamp(1, 4) as u16);
                 for u in &c.units {
-                    let engine = match &u.medium {
-                        Some(m) => Some(
-                            IoEngine::new(
-                                m.clone(),
-                                mem.clone(),
-                                EngineOptions {
-                                    host_cache: c.host_io_cache,
-                                    discard: u.discard,
-                                    bwgroup: u.bwgroup.clone(),
-                                    ..Default::default()
-                                },
-                            )
-                            .map_err(|e| VmmError::Device(e.to_string()))?,
-                        ),
-                        None => None,
-                    };
-                    if let Some(e) = &engine {
-                        tracing::info!(
-                            "  port {}: I/O through {} (host cache {})",
-                            u.port,
-                            e.kind().name(),
-                            if c.host_io_cache { "on" } else { "off" }
-                        );
-                    }
+                    let engine = engine(c, u, mem)?;
                     dev.attach(u.port, unit(c, u)?, u.medium.clone(), engine)
                         .map_err(|e| VmmError::Config(format!("controller '{}': {e}", c.name)))?;
                 }
@@ -137,33 +121,127 @@ pub fn attach_controllers(
                     .collect();
                 let device_events = pci.device_events();
                 let pci = Arc::new(Mutex::new(pci));
-                root.add(DevFn::new(slot, 0), pci.clone());
-                tracing::info!(
-                    "storage controller '{}' ({}) at pci {}, INTA on GSI {gsi}, {} unit(s)",
-                    c.name,
-                    c.kind.name(),
-                    DevFn::new(slot, 0),
-                    c.units.len()
-                );
-                for u in &c.units {
-                    tracing::info!(
-                        "  port {}: {} {}{}",
-                        u.port,
-                        if u.dvd { "dvd" } else { "hdd" },
-                        u.path.display(),
-                        if u.read_only { " (read-only)" } else { "" }
-                    );
-                }
-                handlers.push(QueueHandler {
+                root.add(devfn, pci.clone());
+                StorageHandler::Virtio(QueueHandler {
                     device: pci,
                     events,
                     device_events,
-                });
+                })
             }
+            ControllerKind::Ahci => {
+                let ports = c.ports.map_or(DEFAULT_AHCI_PORTS, |n| n as usize);
+                let mut dev = Ahci::new(AhciParams {
+                    memory: mem.clone(),
+                    msi: vm.clone().msi_sender(),
+                    intx: vm.clone().level_interrupt(gsi),
+                    intx_line: gsi as u8,
+                    ports,
+                })
+                .map_err(|e| VmmError::Config(format!("controller '{}': {e}", c.name)))?;
+                for u in &c.units {
+                    let ahci_unit = AhciUnit {
+                        device: ata_device(c, u)?,
+                        medium: u.medium.clone(),
+                        engine: engine(c, u, mem)?,
+                    };
+                    dev.attach(usize::from(u.port), ahci_unit)
+                        .map_err(|e| VmmError::Config(format!("controller '{}': {e}", c.name)))?;
+                }
+                let changed = dev.sources_changed();
+                let dev = Arc::new(Mutex::new(dev));
+                root.add(devfn, dev.clone());
+                StorageHandler::Ahci(AhciHandler {
+                    device: dev,
+                    changed,
+                    registered: Vec::new(),
+                })
+            }
+        };
+        tracing::info!(
+            "storage controller '{}' ({}) at pci {devfn}, INTA on GSI {gsi}, {} unit(s)",
+            c.name,
+            c.kind.name(),
+            c.units.len()
+        );
+        for u in &c.units {
+            tracing::info!(
+                "  port {}: {} {}{}",
+                u.port,
+                if u.dvd { "dvd" } else { "hdd" },
+                u.path.display(),
+                if u.read_only { " (read-only)" } else { "" }
+            );
         }
+        handlers.push(handler);
     }
     Ok(handlers)
 }
+
+/// VirtualBox's default port count for a SATA controller.
+const DEFAULT_AHCI_PORTS: usize = 30;
+
+/// The I/O engine that moves a unit's data (None for an empty drive).
+fn engine(
+    c: &ControllerConfig,
+    u: &UnitConfig,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<IoEngine>, VmmError> {
+    let Some(m) = &u.medium else {
+        return Ok(None);
+    };
+    let e = IoEngine::new(
+        m.clone(),
+        mem.clone(),
+        EngineOptions {
+            host_cache: c.host_io_cache,
+            discard: u.discard,
+            bwgroup: u.bwgroup.clone(),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| VmmError::Device(e.to_string()))?;
+    tracing::info!(
+        "  port {}: I/O through {} (host cache {})",
+        u.port,
+        e.kind().name(),
+        if c.host_io_cache { "on" } else { "off" }
+    );
+    Ok(Some(e))
+}
+
+/// The ATA disk or ATAPI drive on an AHCI port.
+fn ata_device(c: &ControllerConfig, u: &UnitConfig) -> Result<AtaDevice, VmmError> {
+    let serial = format!("FERRY-{}-{}", c.name, u.port);
+    if u.dvd {
+        let mut d = AtaDevice::atapi(AtapiParams {
+            model: "FERRY DVD-ROM".into(),
+            serial,
+            firmware: FIRMWARE_REVISION.into(),
+        });
+        if let (Some(m), Some(drive)) = (&u.medium, d.as_atapi_mut()) {
+            drive.insert(m.size());
+        }
+        return Ok(d);
+    }
+    let Some(m) = &u.medium else {
+        return Err(VmmError::Config(format!(
+            "controller '{}' port {}: a hard disk needs a medium",
+            c.name, u.port
+        )));
+    };
+    Ok(AtaDevice::disk(AtaDiskParams {
+        size_bytes: m.size(),
+        nonrotational: u.nonrotational,
+        discard: u.discard,
+        read_only: u.read_only,
+        model: "FERRY HARDDISK".into(),
+        serial,
+        firmware: FIRMWARE_REVISION.into(),
+        ncq: true,
+    }))
+}
+
+const FIRMWARE_REVISION: &str = "1.0";
 
 fn unit(c: &ControllerConfig, u: &UnitConfig) -> Result<LogicalUnit, VmmError> {
     let serial = format!("FERRY-{}-{}", c.name, u.port);
@@ -201,6 +279,82 @@ fn unit(c: &ControllerConfig, u: &UnitConfig) -> Result<LogicalUnit, VmmError> {
     Ok(LogicalUnit::Disk(disk))
 }
 
+/// What the event loop runs for one controller.
+pub enum StorageHandler {
+    Virtio(QueueHandler),
+    Ahci(AhciHandler),
+}
+
+impl StorageHandler {
+    /// The AHCI controller behind this handler, for hot-plug.
+    pub fn ahci(&self) -> Option<Arc<Mutex<Ahci>>> {
+        match self {
+            Self::Ahci(h) => Some(h.device.clone()),
+            Self::Virtio(_) => None,
+        }
+    }
+
+    pub fn into_subscriber(self) -> Box<dyn MutEventSubscriber + Send> {
+        match self {
+            Self::Virtio(h) => Box::new(h),
+            Self::Ahci(h) => Box::new(h),
+        }
+    }
+}
+
+/// Finishes an AHCI controller's commands when its ports' I/O engines complete them. The
+/// set of engines changes with hot-plug; the controller's `changed` eventfd says when.
+pub struct AhciHandler {
+    device: Arc<Mutex<Ahci>>,
+    changed: Arc<EventFd>,
+    /// The engine eventfds registered now, with their ports.
+    registered: Vec<(usize, EventFd)>,
+}
+
+/// Event data for the AHCI controller's "engines changed" eventfd; ports use their index.
+const AHCI_CHANGED: u32 = u32::MAX;
+
+impl AhciHandler {
+    fn register(&mut self, ops: &mut EventOps) {
+        for (_, fd) in self.registered.drain(..) {
+            let _ = ops.remove(Events::new(&fd, EventSet::IN));
+        }
+        let events = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .io_events();
+        for (port, fd) in events {
+            if let Err(err) = ops.add(Events::with_data(&fd, port as u32, EventSet::IN)) {
+                tracing::error!("AHCI port {port} I/O completions: {err}");
+            }
+            self.registered.push((port, fd));
+        }
+    }
+}
+
+impl MutEventSubscriber for AhciHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        let changed = Events::with_data(self.changed.as_ref(), AHCI_CHANGED, EventSet::IN);
+        if let Err(err) = ops.add(changed) {
+            tracing::error!("AHCI hot-plug events: {err}");
+        }
+        self.register(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        if data == AHCI_CHANGED {
+            self.register(ops);
+            return;
+        }
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .io_event(data as usize);
+    }
+}
+
 /// Runs a controller's queues when their doorbells ring, and finishes its requests when
 /// its I/O engines complete them.
 pub struct QueueHandler {
@@ -234,6 +388,69 @@ impl MutEventSubscriber for QueueHandler {
             dev.device_event((data - DEVICE_EVENT) as usize);
         } else {
             dev.queue_notified(data as usize);
+        }
+    }
+}
+
+/// A test hook for hot-plug until ferry has a control API: each SIGUSR1 unplugs the unit on
+/// one AHCI port of the running guest, or plugs it back. Only set up when the user asks for
+/// it (`FERRY_TEST_HOTPLUG=CONTROLLER:PORT`); the guest cannot trigger it.
+pub struct HotplugToggle {
+    device: Arc<Mutex<Ahci>>,
+    port: usize,
+    parked: Option<AhciUnit>,
+    signal: std::os::unix::net::UnixStream,
+    id: signal_hook::SigId,
+}
+
+impl HotplugToggle {
+    pub fn new(device: Arc<Mutex<Ahci>>, port: usize) -> Result<Self, VmmError> {
+        let io = |source| VmmError::Io {
+            what: "installing the SIGUSR1 handler for the hot-plug test hook".into(),
+            source,
+        };
+        let (r, w) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+        r.set_nonblocking(true).map_err(io)?;
+        let id =
+            signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, w).map_err(io)?;
+        Ok(Self {
+            device,
+            port,
+            parked: None,
+            signal: r,
+            id,
+        })
+    }
+}
+
+impl Drop for HotplugToggle {
+    fn drop(&mut self) {
+        signal_hook::low_level::unregister(self.id);
+    }
+}
+
+impl MutEventSubscriber for HotplugToggle {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signal, EventSet::IN)) {
+            tracing::error!("hot-plug test hook: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        use std::io::Read;
+        let mut buf = [0u8; 16];
+        let _ = self.signal.read(&mut buf);
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let result = match self.parked.take() {
+            Some(unit) => dev.plug(self.port, unit).map(|()| "plugged back"),
+            None => dev.unplug(self.port).map(|u| {
+                self.parked = Some(u);
+                "unplugged"
+            }),
+        };
+        match result {
+            Ok(what) => tracing::info!("hot-plug test hook: port {} {what}", self.port),
+            Err(e) => tracing::warn!("hot-plug test hook: {e}"),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod config;
 mod host_bridge;
+mod msi;
 mod msix;
 mod root;
 
@@ -12,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{affects_bars, BarKind, BarRange, PciConfigSpace, BAR_COUNT};
 pub use host_bridge::HostBridge;
+pub use msi::{Msi, MSI_CAP_ID};
 pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
 pub use root::{
     DoorbellHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,

@@ -1,0 +1,119 @@
+#!/bin/bash
+# Storage controller benchmark: fio inside the guest kit on one of ferry's controllers and on
+# QEMU's nearest model (virtio-scsi: virtio-scsi-pci with scsi-hd; ahci: ich9-ahci with
+# ide-hd), over the same raw host file with the host cache off, then host fio on that file as
+# the limit. Jobs: 4 KiB random read and write at depth 32, 1 MiB sequential read and write
+# at depth 8 (direct=1, libaio). Prints IOPS and MB/s per job and the ratios ferry/QEMU and
+# ferry/host. tests/bench/scsi/run.sh and tests/bench/ahci/run.sh call this.
+# Usage: tests/bench/controller.sh --controller virtio-scsi|ahci [--runtime SECONDS] [--size MIB]
+# Where this host has no hardware virtualization (tests/testhost/detect.sh), everything runs
+# inside the test host (QEMU TCG with emulated SVM): only the ratios mean something there.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+ctl=virtio-scsi
+die() { echo "bench/$ctl: $*" >&2; exit 2; }
+runtime=10 size=256
+while [ $# -gt 0 ]; do
+    case $1 in
+        --controller) ctl=${2:?}; shift 2 ;;
+        --runtime) runtime=${2:?}; shift 2 ;;
+        --size) size=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+case "$runtime$size" in *[!0-9]*) die "--runtime and --size take numbers" ;; esac
+case $ctl in
+    virtio-scsi) qemu_ctl="-device virtio-scsi-pci,id=s" qemu_disk="scsi-hd,drive=d,bus=s.0" ;;
+    ahci) qemu_ctl="-device ich9-ahci,id=s" qemu_disk="ide-hd,drive=d,bus=s.0" ;;
+    *) die "--controller takes virtio-scsi or ahci" ;;
+esac
+
+cd "$REPO"
+cargo build --release --bin ferry
+tests/guest-kit/build.sh
+KIT="$REPO/target/guest-kit"
+fio_bin=$(ls "$REPO"/target/debs/x/fio_*/usr/bin/fio 2>/dev/null | head -n1)
+[ -x "$fio_bin" ] || die "no host fio from the guest kit's packages (target/debs/x/fio_*)"
+OUT="$REPO/target/bench"
+payload="$OUT/$ctl-payload"
+rm -rf "$payload"
+mkdir -p "$payload"
+cp target/release/ferry "$KIT/vmlinuz" "$fio_bin" "$payload/"
+cp "$KIT/initramfs.cpio.gz" "$payload/initrd.cpio.gz"
+
+# The jobs, one definition for guest and host: name rw bs iodepth.
+jobs="randread 4k 32
+randwrite 4k 32
+read 1M 8
+write 1M 8"
+printf '%s\n' "$jobs" >"$payload/jobs"
+cat >"$payload/bench.sh" <<EOF
+# Runs where KVM is (the test host or this machine); written by tests/bench/controller.sh.
+cd "\$(dirname "\$0")"
+RUNTIME=$runtime SIZE=$size CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
+EOF
+cat >>"$payload/bench.sh" <<'EOF'
+img=/tmp/bench-disk.raw
+rm -f "$img"; dd if=/dev/zero of="$img" bs=1M count="$SIZE" 2>/dev/null
+# The host cache is off for all three where the file system takes O_DIRECT; the test host's
+# tmpfs does not, and then all three use the cache (said in the output).
+if dd if=/dev/zero of="$img" bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then
+    ferry_cache=off qemu_cache="cache=none,aio=native" direct=1
+else
+    ferry_cache=on qemu_cache="cache=writeback,aio=threads" direct=0
+    echo "BENCH note: $(dirname "$img") does not take O_DIRECT: host cache on for ferry, QEMU and fio alike"
+fi
+# fio in the guest: one line per job, "RESULT vmm job iops kBps".
+guest_script() {
+    printf 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i+1)); done\n'
+    while read -r rw bs depth; do
+        printf 'fio --name=%s --filename=/dev/sda --rw=%s --bs=%s --iodepth=%s --ioengine=libaio --direct=1 --time_based --runtime=%s --size=%sM --output-format=terse --terse-version=3 | awk -F";" -v j=%s '"'"'{ if (j ~ /read/) print "RESULT " j " " $8 " " $7; else print "RESULT " j " " $49 " " $48 }'"'"'\n' \
+            "$rw" "$rw" "$bs" "$depth" "$RUNTIME" "$SIZE" "$rw"
+    done <jobs
+}
+b64=$(guest_script | base64 | tr -d '\n')
+cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
+./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus 2 --cmdline "$cmdline" \
+    --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
+    2>ferry.err | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
+grep -q '^ferry ' results || { echo "BENCH ferry failed:"; tail -n 5 ferry.err | sed 's/^/BENCH   /'; }
+qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp 2 -nographic -no-reboot -vga none -nic none \
+    -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
+    $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
+    -device "$QEMU_DISK" 2>qemu.err | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results
+grep -q '^qemu ' results || { echo "BENCH qemu failed:"; tail -n 5 qemu.err | sed 's/^/BENCH   /'; }
+while read -r rw bs depth; do
+    ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
+        --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
+        --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
+done <jobs >>results
+# A job without a result: show what the guest said.
+for vmm in ferry qemu; do
+    while read -r rw bs depth; do
+        grep -q "^$vmm $rw " results && continue
+        echo "BENCH $vmm: no result for $rw; its console ends:"
+        grep -v '^\[' $vmm.console | tail -n 6 | sed 's/^/BENCH   /'
+    done <jobs
+done
+awk '
+    { iops[$1, $2] = $3; bw[$1, $2] = $4; if (!seen[$2]++) order[n++] = $2 }
+    function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
+    END {
+        printf "%-10s %12s %12s %12s %12s %12s %12s %10s %10s\n", "job", "ferry IOPS", "qemu IOPS", "host IOPS", "ferry MB/s", "qemu MB/s", "host MB/s", "ferry/qemu", "ferry/host"
+        for (i = 0; i < n; i++) {
+            j = order[i]
+            printf "%-10s %12d %12d %12d %12.1f %12.1f %12.1f %10s %10s\n", j, iops["ferry", j], iops["qemu", j], iops["host", j], bw["ferry", j] / 1024, bw["qemu", j] / 1024, bw["host", j] / 1024, r(iops["ferry", j], iops["qemu", j]), r(iops["ferry", j], iops["host", j])
+        }
+    }' results | sed 's/^/BENCH /'
+EOF
+if reason=$(tests/testhost/detect.sh); then
+    echo "bench/$ctl: running here ($reason)"
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is needed (apt-get install qemu-system-x86 qemu-utils)"
+    (cd "$payload" && sh bench.sh) | sed 's/^BENCH //'
+else
+    echo "bench/$ctl: inside the test host ($reason): absolute numbers are those of a nested guest; compare the ratios"
+    tests/testhost/run.sh --payload "$payload" --script bench.sh --with-qemu --mem 4G --smp 2 \
+        --timeout $((900 + 12 * runtime)) | sed -n 's/^BENCH //p'
+fi
