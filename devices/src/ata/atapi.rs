@@ -110,7 +110,7 @@ impl AtapiDrive {
     }
 
     /// Power-on, COMRESET or DEVICE RESET: the unit's POWER ON/RESET unit attention
-    /// (ATA8-APT 9.x: a reset is reported as 06/29/00) and the default transfer mode.
+    /// (ATA8-APT: the reset is reported as 06/29/00) and the default transfer mode.
     pub fn reset(&mut self) {
         self.target.reset();
         self.xfer = TransferMode::default();
@@ -118,7 +118,7 @@ impl AtapiDrive {
 
     pub(crate) fn protocol(&self, tf: &Taskfile) -> Protocol {
         match tf.command {
-            // Features bit 0: the packet's data moves by DMA (ATA8-APT 5.13).
+            // Features bit 0: the packet's data moves by DMA (ATA8-APT, PACKET command).
             cmd::PACKET => Protocol::Packet {
                 dma: tf.features & 1 != 0,
             },
@@ -135,16 +135,17 @@ impl AtapiDrive {
     ) -> AtaResult {
         let r = match tf.command {
             cmd::PACKET => Ok(self.packet(packet, data_out)),
-            // ACS-3 7.12.5 (and ATA-4 8.27.5.2 for READ SECTORS): a packet device aborts
-            // these and puts its signature in the registers, which is how a host that
-            // guessed wrong learns it is talking to ATAPI.
-            cmd::IDENTIFY_DEVICE | cmd::READ_SECTORS | cmd::READ_SECTORS_NORETRY => {
-                Ok(AtaResult::Complete(AtaCompletion {
-                    status: STATUS_ERROR,
-                    error: error::ABRT,
-                    ..signature_completion(SIG_ATAPI_LBA)
-                }))
-            }
+            // ACS-3 IDENTIFY DEVICE (and ATA-4 8.27.5.2 for READ SECTORS (EXT), as QEMU does): a
+            // packet device aborts these and puts its signature in the registers, which is
+            // how a host that guessed wrong learns it is talking to ATAPI.
+            cmd::IDENTIFY_DEVICE
+            | cmd::READ_SECTORS
+            | cmd::READ_SECTORS_NORETRY
+            | cmd::READ_SECTORS_EXT => Ok(AtaResult::Complete(AtaCompletion {
+                status: STATUS_ERROR,
+                error: error::ABRT,
+                ..signature_completion(SIG_ATAPI_LBA)
+            })),
             cmd::IDENTIFY_PACKET_DEVICE => Ok(AtaResult::Complete(AtaCompletion::with_data(
                 identify::packet(&self.serial, &self.firmware, &self.model, &self.xfer),
             ))),
@@ -167,7 +168,7 @@ impl AtapiDrive {
             | cmd::STANDBY
             | cmd::STANDBY_IMMEDIATE
             | cmd::SLEEP => Ok(AtaResult::Complete(AtaCompletion::good())),
-            // NOP always aborts (ACS-3 7.17).
+            // NOP always aborts (ACS-3 NOP).
             other => {
                 tracing::debug!(opcode = other, "ATAPI: unsupported ATA command");
                 Err(AtaError::Aborted)
@@ -210,7 +211,7 @@ impl AtapiDrive {
     }
 }
 
-/// A packet command's end (ATA8-APT 5.13.5): status with the interrupt reason "status" in
+/// A packet command's end (ATA8-APT, PACKET command normal outputs): status with the interrupt reason "status" in
 /// count; on CHECK CONDITION ERR, and the sense key in error bits 4..8 (QEMU's
 /// ide_atapi_cmd_error does the same). The sense stays for the REQUEST SENSE that follows.
 fn packet_completion(c: Completion) -> AtaCompletion {

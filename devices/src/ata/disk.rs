@@ -23,7 +23,7 @@ pub struct AtaDiskParams {
     pub ncq: bool,
 }
 
-/// The largest 28-bit LBA plus one (ACS-3 4.2.1): what 28-bit commands can address.
+/// The largest 28-bit LBA plus one (ACS-3, 28-bit addressing): what 28-bit commands can address.
 const LBA28_LIMIT: u64 = 1 << 28;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,7 @@ struct RwCommand {
     addressing: Addressing,
     /// READ/WRITE MULTIPLE: needs SET MULTIPLE MODE first.
     multiple: bool,
-    /// The FUA EXT writes (ACS-3 7.62, 7.66).
+    /// The FUA EXT writes (ACS-3 WRITE DMA FUA EXT, WRITE MULTIPLE FUA EXT).
     fua: bool,
     protocol: Protocol,
 }
@@ -90,7 +90,7 @@ fn is_ncq(opcode: u8) -> bool {
     matches!(opcode, cmd::READ_FPDMA_QUEUED | cmd::WRITE_FPDMA_QUEUED)
 }
 
-/// The NCQ tag of READ/WRITE FPDMA QUEUED: count bits 3..8 (ACS-3 7.23.3).
+/// The NCQ tag of READ/WRITE FPDMA QUEUED: count bits 3..8 (ACS-3 READ FPDMA QUEUED).
 fn ncq_tag(tf: &Taskfile) -> u8 {
     ((tf.count >> 3) & 0x1f) as u8
 }
@@ -138,10 +138,10 @@ impl AtaDisk {
         d
     }
 
-    /// Power-on / COMRESET defaults (ACS-3 Table 147 for SET FEATURES, 7.47 for SET
-    /// MULTIPLE): write cache and look-ahead on, multiple mode at its largest (QEMU and
-    /// VirtualBox do the same), the default transfer mode and geometry. SMART's state is
-    /// non-volatile and stays; so does an unread NCQ error log.
+    /// Power-on / COMRESET defaults (ACS-3 SET FEATURES, SET MULTIPLE MODE): write cache
+    /// and look-ahead on, multiple mode at its largest (as QEMU), the default transfer mode
+    /// and geometry. SMART's state is non-volatile and stays; so does an unread NCQ error
+    /// log.
     pub fn reset(&mut self) {
         self.multiple = MAX_MULTIPLE;
         self.write_cache = true;
@@ -215,7 +215,7 @@ impl AtaDisk {
             cmd::IDENTIFY_DEVICE | cmd::READ_LOG_EXT => Protocol::PioIn,
             cmd::WRITE_LOG_EXT => Protocol::PioOut,
             cmd::READ_LOG_DMA_EXT => Protocol::Dma,
-            // ACS-3 7.5: DATA SET MANAGEMENT moves its range entries by DMA.
+            // ACS-3: DATA SET MANAGEMENT moves its range entries by DMA.
             cmd::DATA_SET_MANAGEMENT => Protocol::Dma,
             cmd::READ_FPDMA_QUEUED | cmd::WRITE_FPDMA_QUEUED => Protocol::DmaQueued,
             cmd::SMART => match tf.feature() {
@@ -268,7 +268,7 @@ impl AtaDisk {
             cmd::DATA_SET_MANAGEMENT => self.data_set_management(tf, data_out),
             cmd::SET_FEATURES => self.set_features(tf),
             cmd::SET_MULTIPLE_MODE => self.set_multiple(tf),
-            // ACS-3 7.8: the device is always active or idle (FFh); the power commands
+            // ACS-3 CHECK POWER MODE: the device is always active or idle (FFh); the power commands
             // below have no state to change in a virtual disk.
             cmd::CHECK_POWER_MODE => complete(AtaCompletion {
                 count: 0xff,
@@ -289,7 +289,7 @@ impl AtaDisk {
                 complete(AtaCompletion::with_lba(max))
             }
             cmd::INITIALIZE_DEVICE_PARAMETERS => {
-                // ATA-5 8.16: sectors per track in count, heads - 1 in device bits 0..4.
+                // ATA-5 INITIALIZE DEVICE PARAMETERS: sectors per track in count, heads - 1 in device bits 0..4.
                 let heads = u64::from(tf.device & 0x0f) + 1;
                 let spt = u64::from(tf.count & 0xff);
                 self.geometry =
@@ -302,7 +302,7 @@ impl AtaDisk {
                 let data = log::read_log(tf, &mut self.ncq_log)?;
                 complete(AtaCompletion::with_data(data))
             }
-            // NOP always aborts (ACS-3 7.17); DEVICE RESET and IDENTIFY PACKET DEVICE belong
+            // NOP always aborts (ACS-3 NOP); DEVICE RESET and IDENTIFY PACKET DEVICE belong
             // to packet devices; everything else is not implemented.
             other => {
                 tracing::debug!(opcode = other, "ATA disk: unsupported command");
@@ -320,7 +320,7 @@ impl AtaDisk {
                 let chs = tf.chs();
                 match self.geometry.lba_of(chs) {
                     Some(lba) => Ok((lba, tf.count28())),
-                    // An address outside the geometry names no sector (ACS-3 6.3.4: IDNF).
+                    // An address outside the geometry names no sector (ACS-3, IDNF error bit).
                     None => {
                         let (c, h, s) = chs;
                         let g = self.geometry;
@@ -349,7 +349,7 @@ impl AtaDisk {
             Access::Write => MediumIoKind::Write,
             Access::Verify => return good(),
         };
-        // With the write cache off every write is write-through (ACS-3 7.45.3).
+        // With the write cache off every write is write-through (ACS-3 SET FEATURES 82h).
         let fua = fua || (access == Access::Write && !self.write_cache);
         Ok(AtaResult::Io(AtaIo {
             kind,
@@ -361,7 +361,7 @@ impl AtaDisk {
     }
 
     fn read_write(&mut self, tf: &Taskfile, rw: RwCommand) -> CmdResult {
-        // ACS-3 7.28/7.64: READ/WRITE MULTIPLE abort while multiple mode is off.
+        // ACS-3 READ/WRITE MULTIPLE: they abort while multiple mode is off.
         if rw.multiple && self.multiple == 0 {
             return Err(AtaError::Aborted);
         }
@@ -375,7 +375,7 @@ impl AtaDisk {
         self.medium_io(rw.access, lba, count, rw.fua)
     }
 
-    /// READ/WRITE FPDMA QUEUED (ACS-3 7.23, 7.60): sector count in features (0 = 65536),
+    /// READ/WRITE FPDMA QUEUED (ACS-3, SATA 3.x NCQ): sector count in features (0 = 65536),
     /// tag in count bits 3..8, FUA in device bit 7, 48-bit LBA.
     fn fpdma(&mut self, tf: &Taskfile, access: Access) -> CmdResult {
         if !self.ncq {
@@ -418,7 +418,7 @@ impl AtaDisk {
         }))
     }
 
-    /// SET FEATURES (ACS-3 7.45, Table 144): the subcommand in features.
+    /// SET FEATURES (ACS-3 SET FEATURES): the subcommand in features.
     fn set_features(&mut self, tf: &Taskfile) -> CmdResult {
         match tf.feature() {
             0x02 => self.write_cache = true,
@@ -430,7 +430,7 @@ impl AtaDisk {
             }
             0xaa => self.lookahead = true,
             0x55 => self.lookahead = false,
-            // Enable/disable a SATA feature (count: which, SATA 3.x 13.3.x): the link has
+            // Enable/disable a SATA feature (count: which one, SATA 3.x SET FEATURES): the link has
             // nothing to tune, so every one is accepted.
             0x10 | 0x90 => {}
             _ => return Err(AtaError::Aborted),
@@ -438,7 +438,7 @@ impl AtaDisk {
         good()
     }
 
-    /// SET MULTIPLE MODE (ACS-3 7.47): a power of two up to word 47's maximum; 0 turns
+    /// SET MULTIPLE MODE (ACS-3): a power of two up to word 47's maximum; 0 turns
     /// multiple mode off.
     fn set_multiple(&mut self, tf: &Taskfile) -> CmdResult {
         let n = tf.count & 0xff;

@@ -1,6 +1,6 @@
-//! DATA SET MANAGEMENT with the TRIM bit (ACS-3 7.5): the host sends `count` 512-byte
+//! DATA SET MANAGEMENT with the TRIM bit (ACS-3 DATA SET MANAGEMENT): the host sends `count` 512-byte
 //! blocks of LBA range entries, each 8 bytes little endian: LBA in bits 0..48, sector
-//! count in bits 48..64 (ACS-3 7.5.3.3, Table 37). Entries with a zero count are padding
+//! count in bits 48..64 (ACS-3, LBA Range Entry). Entries with a zero count are padding
 //! and skipped.
 
 use super::identify::MAX_DSM_BLOCKS;
@@ -16,7 +16,7 @@ pub(crate) fn trim_ranges(
     capacity: u64,
     data_out: &mut dyn DataOut,
 ) -> Result<Vec<(u64, u64)>, AtaError> {
-    // ACS-3 7.5.3.2: count 0 is reserved, and a device may abort more blocks than word
+    // ACS-3 DATA SET MANAGEMENT: count 0 is reserved, and a device may abort more blocks than word
     // 105 allows; this one does, which also bounds what it reads.
     if blocks == 0 || blocks > MAX_DSM_BLOCKS {
         return Err(AtaError::Aborted);
@@ -39,7 +39,7 @@ pub(crate) fn trim_ranges(
         if sectors == 0 {
             continue;
         }
-        // ACS-3 7.5.3.3: a range past the last LBA aborts the whole command.
+        // ACS-3 TRIM: a range past the last LBA aborts the whole command.
         match lba.checked_add(sectors) {
             Some(end) if end <= capacity => {}
             _ => return Err(AtaError::Aborted),

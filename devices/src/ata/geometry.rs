@@ -1,5 +1,5 @@
 //! CHS geometry: the default one IDENTIFY words 1, 3 and 6 report, the current one INITIALIZE
-//! DEVICE PARAMETERS sets (words 54-58), and CHS to LBA translation (ATA-5 6.2.1; CHS is
+//! DEVICE PARAMETERS sets (words 54-58), and CHS to LBA translation (ATA-5, CHS addressing; CHS is
 //! obsolete since ATA-6 but BIOSes and DOS-era drivers still address with it).
 
 /// The largest default geometry (ATA-5 Annex B: 16383 cylinders, 16 heads, 63 sectors),

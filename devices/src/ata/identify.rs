@@ -1,4 +1,4 @@
-//! IDENTIFY DEVICE (ACS-3 7.12, Table 45) and IDENTIFY PACKET DEVICE (ACS-3 7.13, Table 55)
+//! IDENTIFY DEVICE (ACS-3 IDENTIFY DEVICE data) and IDENTIFY PACKET DEVICE (ACS-3 IDENTIFY PACKET DEVICE data)
 //! data: 256 little-endian words ending in the integrity word.
 
 use super::disk::AtaDisk;
@@ -20,7 +20,7 @@ impl IdentifyPage {
         }
     }
 
-    /// An ATA string (ACS-3 3.4.9): ASCII, space padded, the first character of each pair
+    /// An ATA string (ACS-3, ATA string convention): ASCII, space padded, the first character of each pair
     /// in the word's high byte. Characters outside printable ASCII become spaces.
     fn string(&mut self, first_word: usize, words: usize, s: &str) {
         let mut bytes = s
@@ -63,12 +63,12 @@ impl IdentifyPage {
         }
         self.set(88, xfer.word88());
         // Word 93: hardware reset results, bit 14 shall be one, bit 13 an 80-conductor cable
-        // (so a parallel-IDE guest allows Ultra DMA above mode 2), bit 0 shall be one (ACS-3
-        // 7.12.7.47; QEMU sets the same).
+        // (so a parallel-IDE guest allows Ultra DMA above mode 2), bit 0 shall be one (ACS-3,
+        // Hardware reset results; QEMU sets the same).
         self.set(93, 0x6001);
     }
 
-    /// Word 255 (ACS-3 7.12.7.91): signature A5h in bits 0..8, and in bits 8..16 the value
+    /// Word 255 (ACS-3, Integrity word): signature A5h in bits 0..8, and in bits 8..16 the value
     /// that makes all 512 bytes sum to zero modulo 256.
     fn finish(mut self) -> Vec<u8> {
         self.set(255, 0x00a5);
@@ -79,16 +79,16 @@ impl IdentifyPage {
     }
 }
 
-/// SATA capabilities, word 76 (ACS-3 7.12.7.36): Gen1 (bit 1) and Gen2 (bit 2) speeds.
+/// SATA capabilities, word 76 (ACS-3, Serial ATA Capabilities): Gen1 (bit 1) and Gen2 (bit 2) speeds.
 const SATA_GEN1_GEN2: u16 = 0x0006;
 /// Word 76 bit 8: native command queuing.
 const SATA_NCQ: u16 = 0x0100;
 /// Word 80: major versions ATA/ATAPI-4..7 (bits 4..8), ATA8-ACS (8), ACS-2 (9), ACS-3 (10).
 const MAJOR_VERSION: u16 = 0x07f0;
 /// Word 222: transport major version: Serial (bits 12..16 = 1), SATA 1.0a through 3.0
-/// (bits 0..6) (ACS-3 7.12.7.85).
+/// (bits 0..6) (ACS-3, Transport major version number).
 const TRANSPORT_SATA: u16 = 0x103f;
-/// Words 82-87: bit 14 shall be one in 83/84/87 and bit 15 shall be zero (ACS-3 7.12.7.4x).
+/// Words 82-87: bit 14 shall be one in 83/84/87 and bit 15 shall be zero (ACS-3, Commands and feature sets supported).
 const VALID: u16 = 0x4000;
 /// The most 512-byte blocks of range entries one DATA SET MANAGEMENT takes (word 105).
 pub(crate) const MAX_DSM_BLOCKS: u16 = 8;
@@ -122,9 +122,12 @@ pub(crate) fn disk(d: &AtaDisk) -> Vec<u8> {
     p.set(55, cur.heads as u16);
     p.set(56, cur.sectors as u16);
     p.u32_at(57, u32::try_from(cur.capacity()).unwrap_or(u32::MAX));
-    // Word 59: bit 8 = the multiple setting in bits 0..8 is valid.
-    p.set(59, 0x0100 | (d.multiple_count() & 0xff));
-    // Words 60-61: sectors addressable by 28-bit commands, at most 0FFFFFFFh (ACS-3 4.2.1).
+    // Word 59: bit 8 = the multiple setting in bits 0..8 is valid; left clear while multiple
+    // mode is off, as QEMU does (a valid setting of 0 would confuse older hosts).
+    if d.multiple_count() != 0 {
+        p.set(59, 0x0100 | (d.multiple_count() & 0xff));
+    }
+    // Words 60-61: sectors addressable by 28-bit commands, at most 0FFFFFFFh (ACS-3, 28-bit addressing).
     p.u32_at(60, sectors.min(0x0fff_ffff) as u32);
     p.transfer_modes(d.transfer_mode());
     if d.ncq() {
@@ -168,7 +171,7 @@ pub(crate) fn disk(d: &AtaDisk) -> Vec<u8> {
     // Words 119/120: READ LOG DMA EXT supported/enabled (bit 3); bit 14 shall be one.
     p.set(119, VALID | 0x0008);
     p.set(120, VALID | 0x0008);
-    // Word 217: 0001h = non-rotating medium (ACS-3 7.12.7.83).
+    // Word 217: 0001h = non-rotating medium (ACS-3, Nominal media rotation rate).
     p.set(
         217,
         if d.nonrotational() {
@@ -184,7 +187,7 @@ pub(crate) fn disk(d: &AtaDisk) -> Vec<u8> {
 /// IDENTIFY PACKET DEVICE of a CD/DVD drive.
 pub(crate) fn packet(serial: &str, firmware: &str, model: &str, xfer: &TransferMode) -> Vec<u8> {
     let mut p = IdentifyPage::new();
-    // Word 0 (ACS-3 7.13.6.2): ATAPI (bits 14..16 = 10b), CD-ROM device type 05h (bits
+    // Word 0 (ACS-3 IDENTIFY PACKET DEVICE, General configuration): ATAPI (bits 14..16 = 10b), CD-ROM device type 05h (bits
     // 8..13), removable (7), DRQ within 50 µs of PACKET (bits 5..7 = 10b), 12-byte
     // packets (bits 0..2 = 00b).
     p.set(0, 0x85c0);

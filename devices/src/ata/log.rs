@@ -1,6 +1,6 @@
-//! The general purpose logs READ LOG EXT and READ LOG DMA EXT return (ACS-3 7.24, Annex A):
-//! the log directory (00h), the NCQ command error log (10h, SATA 3.x 13.7.4 / ACS-3 A.14)
-//! and the list of IDENTIFY DEVICE data pages (30h page 00h, ACS-3 A.11).
+//! The general purpose logs READ LOG EXT and READ LOG DMA EXT return (ACS-3 Annex A):
+//! the log directory (00h), the NCQ command error log (10h, SATA 3.x NCQ Command Error log)
+//! and the list of IDENTIFY DEVICE data pages (30h page 00h, ACS-3 IDENTIFY DEVICE data log).
 
 use super::taskfile::Taskfile;
 use super::{AtaCompletion, AtaError};
@@ -43,7 +43,7 @@ impl NcqErrorLog {
         });
     }
 
-    /// A non-queued command failed: the log says so with NQ and no tag (SATA 3.x 13.7.4:
+    /// A non-queued command failed: the log says so with NQ and no tag (SATA 3.x NCQ Command Error log:
     /// the host must not read a queued command's registers from it).
     pub fn record_unqueued(&mut self, c: &AtaCompletion) {
         self.entry = Some(NcqError {
@@ -59,7 +59,7 @@ impl NcqErrorLog {
         self.entry.is_none()
     }
 
-    /// Page 0 of log 10h; reading it clears the error (SATA 3.x 13.7.4).
+    /// Page 0 of log 10h; reading it clears the error (SATA 3.x).
     fn take_page(&mut self) -> [u8; PAGE] {
         let mut b = [0u8; PAGE];
         if let Some(e) = self.entry.take() {
@@ -78,7 +78,7 @@ impl NcqErrorLog {
     }
 }
 
-/// Sets the last byte so that all bytes sum to zero modulo 256 (ACS-3 A.14, SMART data).
+/// Sets the last byte so that all bytes sum to zero modulo 256 (SATA 3.x log 10h, ACS-3 SMART data).
 pub(crate) fn checksum(page: &mut [u8]) {
     if let Some((last, rest)) = page.split_last_mut() {
         let sum = rest.iter().fold(0u8, |a, b| a.wrapping_add(*b));
@@ -86,7 +86,7 @@ pub(crate) fn checksum(page: &mut [u8]) {
     }
 }
 
-/// READ LOG EXT / READ LOG DMA EXT (ACS-3 7.24.3): log address in LBA 0..8, first page
+/// READ LOG EXT / READ LOG DMA EXT (ACS-3 READ LOG EXT inputs): log address in LBA 0..8, first page
 /// in LBA 8..16 and 32..40, page count in count (0 is invalid). Pages past the log's end
 /// abort.
 pub(crate) fn read_log(tf: &Taskfile, ncq: &mut NcqErrorLog) -> Result<Vec<u8>, AtaError> {
@@ -113,7 +113,7 @@ pub(crate) fn read_log(tf: &Taskfile, ncq: &mut NcqErrorLog) -> Result<Vec<u8>, 
     Ok(page.to_vec())
 }
 
-/// Log 00h (ACS-3 A.2): word 0 the version (0001h), word n the page count of log n.
+/// Log 00h (ACS-3, General Purpose Log Directory): word 0 the version (0001h), word n the page count of log n.
 fn directory() -> [u8; PAGE] {
     let mut b = [0u8; PAGE];
     b[0] = 0x01;
@@ -124,7 +124,7 @@ fn directory() -> [u8; PAGE] {
     b
 }
 
-/// Log 30h page 00h (ACS-3 A.11.2): the header (revision 0001h, page number 00h), the
+/// Log 30h page 00h (ACS-3, List of supported IDENTIFY DEVICE data pages): the header (revision 0001h, page number 00h), the
 /// number of entries at byte 8 and the supported page numbers from byte 9: only this one.
 fn identify_pages() -> [u8; PAGE] {
     let mut b = [0u8; PAGE];

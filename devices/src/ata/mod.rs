@@ -46,7 +46,7 @@ pub use atapi::{AtapiDrive, AtapiParams};
 pub use disk::{AtaDisk, AtaDiskParams};
 pub use taskfile::{cmd, Taskfile};
 
-/// Status register bits (ACS-3 6.2).
+/// Status register bits (ACS-3, Status field).
 pub mod status {
     pub const BSY: u8 = 0x80;
     pub const DRDY: u8 = 0x40;
@@ -59,7 +59,7 @@ pub mod status {
     pub const ERR: u8 = 0x01;
 }
 
-/// Error register bits (ACS-3 6.3).
+/// Error register bits (ACS-3, Error field).
 pub mod error {
     /// Interface CRC error.
     pub const ICRC: u8 = 0x80;
@@ -69,7 +69,7 @@ pub mod error {
     pub const IDNF: u8 = 0x10;
     /// Command aborted.
     pub const ABRT: u8 = 0x04;
-    /// EXECUTE DEVICE DIAGNOSTIC and reset's diagnostic code: device 0 passed (ACS-3 Table 34).
+    /// EXECUTE DEVICE DIAGNOSTIC and reset's diagnostic code: device 0 passed (ACS-3 EXECUTE DEVICE DIAGNOSTIC, diagnostic codes).
     pub const DIAG_PASSED: u8 = 0x01;
 }
 
@@ -147,7 +147,7 @@ impl AtaCompletion {
 }
 
 /// The device register of an output that reports `lba`: LBA bit (6) set, bits 0..4 the
-/// LBA's bits 24..28 as 28-bit commands read them (ACS-3 6.1, 28-bit vs 48-bit outputs).
+/// LBA's bits 24..28 as 28-bit commands read them (ACS-3, 28-bit and 48-bit normal/error outputs).
 fn lba_device(lba: u64) -> u8 {
     0x40 | ((lba >> 24) & 0x0f) as u8
 }
@@ -205,8 +205,8 @@ fn good() -> CmdResult {
     complete(AtaCompletion::good())
 }
 
-/// The signature a device puts in count/LBA after reset and diagnostics (ACS-3 9.1,
-/// Table 184): count 01h, LBA low 01h, LBA mid/high 00h/00h for ATA, 14h/EBh for ATAPI.
+/// The signature a device puts in count/LBA after reset and diagnostics (ACS-3,
+/// Signature and persistence): count 01h, LBA low 01h, LBA mid/high 00h/00h for ATA, 14h/EBh for ATAPI.
 const SIG_ATA_LBA: u64 = 0x00_0001;
 const SIG_ATAPI_LBA: u64 = 0xeb_1401;
 

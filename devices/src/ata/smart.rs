@@ -1,11 +1,11 @@
-//! SMART (ACS-3 7.48, 8.41): the subcommands a guest's health checks use. A virtual disk
+//! SMART (ACS-3 SMART feature set): the subcommands a guest's health checks use. A virtual disk
 //! never wears out, so every attribute is at its best and no threshold is exceeded.
 
 use super::log::checksum;
 use super::taskfile::Taskfile;
 use super::{complete, good, AtaCompletion, AtaError, CmdResult};
 
-/// Features values of the SMART subcommands (ACS-3 Table 127).
+/// Features values of the SMART subcommands (ACS-3 SMART).
 pub(crate) mod sub {
     pub const READ_DATA: u8 = 0xd0;
     pub const ATTRIBUTE_AUTOSAVE: u8 = 0xd2;
@@ -16,7 +16,7 @@ pub(crate) mod sub {
     pub const RETURN_STATUS: u8 = 0xda;
 }
 
-/// Every SMART command carries this key in LBA mid/high (ACS-3 7.48.1): 4Fh, C2h.
+/// Every SMART command carries this key in LBA mid/high (ACS-3 SMART): 4Fh, C2h.
 const KEY_LBA: u64 = 0xc2_4f00;
 const KEY_MASK: u64 = 0xff_ff00;
 /// Attribute table revision in bytes 0-1 of the data (SFF-8035i).
@@ -39,7 +39,7 @@ pub(crate) fn execute(tf: &Taskfile, enabled: &mut bool) -> CmdResult {
         return Err(AtaError::Aborted);
     }
     let subcommand = tf.feature();
-    // ACS-3 7.48.1: with SMART disabled everything but ENABLE OPERATIONS aborts.
+    // ACS-3 SMART: with SMART disabled everything but ENABLE OPERATIONS aborts.
     if !*enabled && subcommand != sub::ENABLE_OPERATIONS {
         return Err(AtaError::Aborted);
     }
@@ -66,7 +66,7 @@ pub(crate) fn execute(tf: &Taskfile, enabled: &mut bool) -> CmdResult {
     }
 }
 
-/// The device SMART data structure (ACS-3 Table 130).
+/// The device SMART data structure (ACS-3 / ATA8-ACS SMART READ DATA).
 fn data() -> Vec<u8> {
     let mut b = vec![0u8; 512];
     b[0..2].copy_from_slice(&DATA_REVISION.to_le_bytes());

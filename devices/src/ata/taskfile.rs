@@ -1,5 +1,5 @@
 //! The shadow registers a command arrives with, the opcodes this device knows, and the
-//! address and count decoding of 28-bit, 48-bit and CHS commands (ACS-3 6, 7).
+//! address and count decoding of 28-bit, 48-bit and CHS commands (ACS-3 clauses 6 and 7).
 
 /// The shadow registers a command arrives with (a Register H2D FIS, or IDE's taskfile).
 /// `lba` is the raw 48-bit value: bits 0..24 = LBA low/mid/high, bits 24..48 = their "exp"
@@ -18,12 +18,12 @@ pub struct Taskfile {
 pub(crate) const LBA48_MASK: u64 = (1 << 48) - 1;
 const LBA28_MASK: u64 = (1 << 28) - 1;
 
-/// Device register bit 6: the address is an LBA, not CHS (ACS-3 6.1).
+/// Device register bit 6: the address is an LBA, not CHS (ACS-3, Device field).
 pub(crate) const DEVICE_LBA: u8 = 0x40;
-/// Device register bit 7 of READ/WRITE FPDMA QUEUED: force unit access (ACS-3 7.23, 7.60).
+/// Device register bit 7 of READ/WRITE FPDMA QUEUED: force unit access (ACS-3, READ/WRITE FPDMA QUEUED).
 pub(crate) const DEVICE_FUA: u8 = 0x80;
 
-/// Command opcodes (ACS-3 Table B.2; ATA8-APT for PACKET and IDENTIFY PACKET DEVICE).
+/// Command opcodes (ACS-3 Annex B, command codes; ATA8-APT for PACKET and IDENTIFY PACKET DEVICE).
 pub mod cmd {
     pub const NOP: u8 = 0x00;
     pub const DATA_SET_MANAGEMENT: u8 = 0x06;
@@ -103,7 +103,7 @@ impl Taskfile {
         self.lba & LBA48_MASK
     }
 
-    /// The sector count of a 28-bit command: 0 means 256 (ACS-3 7.x, Count field).
+    /// The sector count of a 28-bit command: 0 means 256 (ACS-3, Count field).
     pub fn count28(&self) -> u64 {
         match self.count & 0xff {
             0 => 256,

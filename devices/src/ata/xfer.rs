@@ -1,4 +1,4 @@
-//! The transfer mode SET FEATURES 03h selects (ACS-3 7.45.6, Table 145), and how IDENTIFY
+//! The transfer mode SET FEATURES 03h selects (ACS-3 SET FEATURES, Set transfer mode), and how IDENTIFY
 //! words 63, 64 and 88 report the supported and selected modes. The mode changes no timing
 //! here; it is kept so IDENTIFY tells the host what it chose.
 
