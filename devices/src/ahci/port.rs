@@ -176,7 +176,7 @@ impl Port {
                 u.device.reset();
                 self.ssts = SSTS_UP;
                 self.sig = u.device.signature();
-                self.tfd = u32::from(ready_status(&u.device));
+                self.tfd = u32::from(u.device.reset_registers().status);
                 self.signature_pending = true;
             }
             None => {
@@ -336,15 +336,7 @@ impl Port {
             return;
         };
         let sig = u.device.signature();
-        let c = AtaCompletion {
-            status: ready_status(&u.device),
-            // Diagnostic code 01h: no error (ACS-3, EXECUTE DEVICE DIAGNOSTIC).
-            error: 0x01,
-            count: (sig & 0xff) as u16,
-            lba: u64::from(sig >> 8),
-            device: 0,
-            data_in: Vec::new(),
-        };
+        let c = u.device.reset_registers();
         self.tfd = u32::from(c.error) << 8 | u32::from(c.status);
         self.sig = sig;
         self.post(mem, fis::RX_D2H, &fis::d2h(&c, true));
@@ -692,14 +684,5 @@ impl Port {
 
     pub fn engine_event(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {
         self.unit.as_ref()?.engine.as_ref().map(|e| e.eventfd())
-    }
-}
-
-/// The status a device shows when ready: DRDY|DSC for a disk; an ATAPI device leaves DRDY
-/// clear after reset (ACS-3, 9.1: the PACKET feature set's signature state).
-fn ready_status(device: &AtaDevice) -> u8 {
-    match device {
-        AtaDevice::Disk(_) => status::DRDY | status::DSC,
-        AtaDevice::Atapi(_) => 0,
     }
 }
