@@ -156,6 +156,9 @@ fuzz_target!(|data: &[u8]| {
     for op in ops.chunks_exact(5) {
         let off = u64::from(op[0]) * 4 % 0x300;
         w(dev, off, u32::from_le_bytes([op[1], op[2], op[3], op[4]]));
+        if op[0] & 1 != 0 {
+            dev.run_ports();
+        }
     }
     let sact = u32::from_le_bytes([issue[0], issue[1], issue[2], issue[3]]);
     let ci = u32::from_le_bytes([issue[4], issue[5], issue[6], issue[7]]);
@@ -164,8 +167,10 @@ fuzz_target!(|data: &[u8]| {
         w(dev, base + 0x34, sact);
         w(dev, base + 0x38, ci);
     }
+    dev.run_ports();
     for _ in 0..3 {
         std::thread::sleep(std::time::Duration::from_micros(200));
         dev.io_event(0);
+        dev.run_ports();
     }
 });

@@ -6,6 +6,8 @@
 # at depth 8 (direct=1, libaio). Prints IOPS and MB/s per job and the ratios ferry/QEMU and
 # ferry/host. tests/bench/scsi/run.sh and tests/bench/ahci/run.sh call this.
 # Usage: tests/bench/controller.sh --controller virtio-scsi|ahci [--runtime SECONDS] [--size MIB]
+#        [--cpus N]   (guest vCPUs for both VMMs, default 1: two-vCPU guests in the test host
+#                      sometimes triple-fault early in boot, see tests/integration/scenarios.sh)
 # Where this host has no hardware virtualization (tests/testhost/detect.sh), everything runs
 # inside the test host (QEMU TCG with emulated SVM): only the ratios mean something there.
 set -euo pipefail
@@ -13,17 +15,18 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ctl=virtio-scsi
 die() { echo "bench/$ctl: $*" >&2; exit 2; }
-runtime=10 size=256
+runtime=10 size=256 cpus=1
 while [ $# -gt 0 ]; do
     case $1 in
         --controller) ctl=${2:?}; shift 2 ;;
         --runtime) runtime=${2:?}; shift 2 ;;
         --size) size=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --cpus) cpus=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
-case "$runtime$size" in *[!0-9]*) die "--runtime and --size take numbers" ;; esac
+case "$runtime$size$cpus" in *[!0-9]*) die "--runtime, --size and --cpus take numbers" ;; esac
 case $ctl in
     virtio-scsi) qemu_ctl="-device virtio-scsi-pci,id=s" qemu_disk="scsi-hd,drive=d,bus=s.0" ;;
     ahci) qemu_ctl="-device ich9-ahci,id=s" qemu_disk="ide-hd,drive=d,bus=s.0" ;;
@@ -52,7 +55,7 @@ printf '%s\n' "$jobs" >"$payload/jobs"
 cat >"$payload/bench.sh" <<EOF
 # Runs where KVM is (the test host or this machine); written by tests/bench/controller.sh.
 cd "\$(dirname "\$0")"
-RUNTIME=$runtime SIZE=$size CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
+RUNTIME=$runtime SIZE=$size CPUS=$cpus CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
 EOF
 cat >>"$payload/bench.sh" <<'EOF'
 img=/tmp/bench-disk.raw
@@ -75,11 +78,11 @@ guest_script() {
 }
 b64=$(guest_script | base64 | tr -d '\n')
 cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
-./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus 2 --cmdline "$cmdline" \
+./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
     --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
     2>ferry.err | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
 grep -q '^ferry ' results || { echo "BENCH ferry failed:"; tail -n 5 ferry.err | sed 's/^/BENCH   /'; }
-qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp 2 -nographic -no-reboot -vga none -nic none \
+qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
     -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
     $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
     -device "$QEMU_DISK" 2>qemu.err | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results

@@ -148,11 +148,13 @@ pub fn attach_controllers(
                         .map_err(|e| VmmError::Config(format!("controller '{}': {e}", c.name)))?;
                 }
                 let changed = dev.sources_changed();
+                let kick = dev.kick_event();
                 let dev = Arc::new(Mutex::new(dev));
                 root.add(devfn, dev.clone());
                 StorageHandler::Ahci(AhciHandler {
                     device: dev,
                     changed,
+                    kick,
                     registered: Vec::new(),
                 })
             }
@@ -307,12 +309,15 @@ impl StorageHandler {
 pub struct AhciHandler {
     device: Arc<Mutex<Ahci>>,
     changed: Arc<EventFd>,
+    /// Software issued commands.
+    kick: Arc<EventFd>,
     /// The engine eventfds registered now, with their ports.
     registered: Vec<(usize, EventFd)>,
 }
 
-/// Event data for the AHCI controller's "engines changed" eventfd; ports use their index.
+/// Event data for the AHCI controller's own eventfds; ports use their index.
 const AHCI_CHANGED: u32 = u32::MAX;
+const AHCI_KICK: u32 = u32::MAX - 1;
 
 impl AhciHandler {
     fn register(&mut self, ops: &mut EventOps) {
@@ -339,6 +344,10 @@ impl MutEventSubscriber for AhciHandler {
         if let Err(err) = ops.add(changed) {
             tracing::error!("AHCI hot-plug events: {err}");
         }
+        let kick = Events::with_data(self.kick.as_ref(), AHCI_KICK, EventSet::IN);
+        if let Err(err) = ops.add(kick) {
+            tracing::error!("AHCI command issue events: {err}");
+        }
         self.register(ops);
     }
 
@@ -348,10 +357,12 @@ impl MutEventSubscriber for AhciHandler {
             self.register(ops);
             return;
         }
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .io_event(data as usize);
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        if data == AHCI_KICK {
+            dev.run_ports();
+        } else {
+            dev.io_event(data as usize);
+        }
     }
 }
 

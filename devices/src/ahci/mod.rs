@@ -88,6 +88,10 @@ pub struct Ahci {
     is: u32,
     /// Fires when a port's I/O engine appears or goes, so the event loop re-registers them.
     sources_changed: Arc<EventFd>,
+    /// Fires when software issued commands: the event loop then fetches and starts them
+    /// ([`Ahci::run_ports`]), so the vCPU goes back to the guest at once and the host I/O
+    /// (a page-cache copy, for a buffered read) runs beside it.
+    kick: Arc<EventFd>,
 }
 
 impl Ahci {
@@ -108,8 +112,9 @@ impl Ahci {
             )
             .ok_or(AhciError::NoRoom)?;
         let msi = Msi::new(&mut config, p.msi).ok_or(AhciError::NoRoom)?;
-        let sources_changed =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| AhciError::EventFd(e.to_string()))?;
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| AhciError::EventFd(e.to_string()));
+        let sources_changed = eventfd()?;
+        let kick = eventfd()?;
         Ok(Self {
             config,
             memory: p.memory,
@@ -119,6 +124,7 @@ impl Ahci {
             ghc: ghc::AE,
             is: 0,
             sources_changed: Arc::new(sources_changed),
+            kick: Arc::new(kick),
         })
     }
 
@@ -175,6 +181,20 @@ impl Ahci {
     /// The eventfd that fires when the set of I/O engines changes (hot-plug).
     pub fn sources_changed(&self) -> Arc<EventFd> {
         self.sources_changed.clone()
+    }
+
+    /// The eventfd that fires when software issued commands.
+    pub fn kick_event(&self) -> Arc<EventFd> {
+        self.kick.clone()
+    }
+
+    /// Fetches and starts the commands software issued since the last call.
+    pub fn run_ports(&mut self) {
+        let _ = self.kick.read();
+        for p in &mut self.ports {
+            p.run(&self.memory);
+        }
+        self.update_irq();
     }
 
     /// Each port's I/O engine completion eventfd, by port.
@@ -278,6 +298,9 @@ impl Ahci {
                 let i = ((o - PORTS_BASE) / PORT_SIZE) as usize;
                 if let Some(p) = self.ports.get_mut(i) {
                     p.write((o - PORTS_BASE) % PORT_SIZE, value, &self.memory);
+                    if p.has_work() {
+                        let _ = self.kick.write(1);
+                    }
                     self.update_irq();
                 }
             }

@@ -270,12 +270,10 @@ impl Port {
             reg::SCTL => self.write_sctl(value, mem),
             reg::SERR => self.serr &= !value,
             // Software sets the bits of queued commands it is about to issue (SACT), then
-            // issues slots (CI); both only while the command engine runs.
+            // issues slots (CI); both only while the command engine runs. The HBA fetches
+            // the commands later, off the vCPU thread (see `Ahci::run_ports`).
             reg::SACT if self.cmd & cmd::ST != 0 => self.sact |= value,
-            reg::CI if self.cmd & cmd::ST != 0 => {
-                self.ci |= value;
-                self.run(mem);
-            }
+            reg::CI if self.cmd & cmd::ST != 0 => self.ci |= value,
             _ => {}
         }
     }
@@ -298,9 +296,6 @@ impl Port {
         }
         if self.cmd & cmd::FRE != 0 && self.signature_pending {
             self.send_signature(mem);
-        }
-        if old & cmd::ST == 0 && self.cmd & cmd::ST != 0 {
-            self.run(mem);
         }
     }
 
@@ -356,8 +351,13 @@ impl Port {
         }
     }
 
+    /// Whether slots wait for the command engine to fetch them.
+    pub fn has_work(&self) -> bool {
+        self.cmd & cmd::ST != 0 && self.ci & !self.issued != 0
+    }
+
     /// Issues every slot software has set in PxCI that is not running yet, lowest first.
-    fn run(&mut self, mem: &GuestMemoryMmap) {
+    pub fn run(&mut self, mem: &GuestMemoryMmap) {
         while self.cmd & cmd::ST != 0 && !self.halted && !self.comreset && self.unit.is_some() {
             let ready = self.ci & !self.issued;
             if ready == 0 {

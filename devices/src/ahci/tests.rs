@@ -208,6 +208,8 @@ impl Tb {
             self.pw(port, reg::SACT, 1 << slot);
         }
         self.pw(port, reg::CI, 1 << slot);
+        // The event loop's part: the kick fired, the HBA fetches the command.
+        self.dev.run_ports();
     }
 
     fn prdbc(&self, slot: u8) -> u32 {
@@ -234,6 +236,7 @@ impl Tb {
             );
             std::thread::sleep(Duration::from_millis(1));
             self.dev.io_event(port);
+            self.dev.run_ports();
         }
     }
 
@@ -266,6 +269,29 @@ fn identity_and_port_presence() {
     assert_eq!(tb.pr(1, reg::TFD) & 0xff, 0x50);
     assert_ne!(tb.pr(1, reg::CMD) & (1 << 15), 0, "CR with ST");
     assert_ne!(tb.pr(1, reg::CMD) & (1 << 14), 0, "FR with FRE");
+}
+
+/// Writing PxCI only records the slot and kicks the event loop; the command runs there.
+#[test]
+fn issuing_kicks_the_event_loop_which_runs_the_command() {
+    let (_img, mut tb) = Tb::with_disk("kick", false);
+    tb.start(1);
+    let kick = tb.dev.kick_event();
+    assert!(kick.read().is_err(), "nothing issued yet");
+    let h = CLB;
+    tb.mem.write_obj(5u32 | 1 << 16, GuestAddress(h)).unwrap();
+    tb.mem.write_obj(CT, GuestAddress(h + 8)).unwrap();
+    tb.mem
+        .write_slice(&h2d(0xec, 0, 0, 0, 0), GuestAddress(CT))
+        .unwrap();
+    tb.mem.write_obj(DATA, GuestAddress(CT + 0x80)).unwrap();
+    tb.mem.write_obj(511u32, GuestAddress(CT + 0x8c)).unwrap();
+    tb.pw(1, reg::CI, 1);
+    assert_eq!(tb.pr(1, reg::CI), 1, "not run on the vCPU's write");
+    assert_eq!(kick.read().unwrap(), 1);
+    tb.dev.run_ports();
+    assert_eq!(tb.pr(1, reg::CI), 0);
+    assert_eq!(tb.prdbc(0), 512);
 }
 
 #[test]
@@ -437,6 +463,7 @@ fn structures_outside_guest_memory_are_host_bus_errors() {
     tb.mem.write_obj(5u32, GuestAddress(h)).unwrap();
     tb.mem.write_obj(1u64 << 40, GuestAddress(h + 8)).unwrap();
     tb.pw(1, reg::CI, 1 << 2);
+    tb.dev.run_ports();
     assert_ne!(tb.pr(1, reg::IS) & irq::HBFS, 0);
     assert_eq!(tb.pr(1, reg::CI), 0);
     // A command list outside guest memory.
@@ -445,6 +472,7 @@ fn structures_outside_guest_memory_are_host_bus_errors() {
     tb.pw(1, reg::CLBU, 0xffff);
     tb.pw(1, reg::CMD, 1 << 4 | 1);
     tb.pw(1, reg::CI, 1);
+    tb.dev.run_ports();
     assert_eq!(tb.pr(1, reg::CI), 0);
 }
 
@@ -625,7 +653,10 @@ fn hostile_registers_and_command_tables() {
                 tb.start(1);
                 tb.issue(1, slot, f, Some(&[next() as u8; 16]), &prd, next() % 2 == 0);
             }
-            3 => tb.dev.io_event(1),
+            3 => {
+                tb.dev.io_event(1);
+                tb.dev.run_ports();
+            }
             _ => {
                 let mut b = [0u8; 8];
                 tb.dev
