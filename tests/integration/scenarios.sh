@@ -381,7 +381,7 @@ for d in /sys/block/sd*; do
   [ "$a" = 3 ] && port2=/dev/$(basename $d)
 done
 for dev in /dev/sda /dev/sdb; do
-  fio --name=v --filename=$dev --size=64M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+  fio --name=v --filename=$dev --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
       --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO $dev ok" || { echo "FIO $dev FAIL"; cat /tmp/fio.err; }
 done
 yes FERRY-PATTERN | head -c 1048576 | dd of=$port2 bs=65536 seek=16 oflag=direct 2>/dev/null && sync && echo PATTERN=written
@@ -426,7 +426,7 @@ sc_ahci_formats() {
     boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
 for d in /sys/block/sd*; do
   dev=/dev/$(basename $d); a=$(readlink -f $d/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p"); t=$((a - 1))
-  fio --name=v --filename=$dev --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+  fio --name=v --filename=$dev --size=16M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
       --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO port$t ok" || { echo "FIO port$t FAIL"; cat /tmp/fio.err; }
   yes "FERRY-PORT-$t" | head -c 1048576 | dd of=$dev bs=65536 seek=1024 oflag=direct 2>/dev/null
 done

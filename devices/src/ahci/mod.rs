@@ -14,6 +14,7 @@ mod tests;
 
 use std::sync::Arc;
 
+use ferry_storage::Disk;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -72,6 +73,8 @@ pub enum AhciError {
     PortInUse(usize),
     #[error("port {0} has nothing attached")]
     PortEmpty(usize),
+    #[error("port {0} is not a CD/DVD drive")]
+    NotAtapi(usize),
     #[error("configuration space has no room for the MSI capability")]
     NoRoom,
     #[error("cannot create an eventfd: {0}")]
@@ -172,6 +175,34 @@ impl Ahci {
         let _ = self.sources_changed.write(1);
         self.update_irq();
         Ok(unit)
+    }
+
+    /// Puts `medium` into the ATAPI drive on `port`, or empties it (None). The guest sees a
+    /// unit attention (MEDIUM CHANGED or NOT READY) on its next packet command, as Linux's
+    /// sr driver polls for with GET EVENT STATUS NOTIFICATION. The new medium is read
+    /// through the image layer on the event loop.
+    pub fn change_medium(
+        &mut self,
+        port: usize,
+        medium: Option<Arc<Disk>>,
+    ) -> Result<(), AhciError> {
+        let i = self.port_index(port)?;
+        let unit = self.ports[i]
+            .unit
+            .as_mut()
+            .ok_or(AhciError::PortEmpty(port))?;
+        let drive = unit
+            .device
+            .as_atapi_mut()
+            .ok_or(AhciError::NotAtapi(port))?;
+        match &medium {
+            Some(m) => drive.insert(m.size()),
+            None => drive.eject(),
+        }
+        unit.medium = medium;
+        unit.engine = None;
+        let _ = self.sources_changed.write(1);
+        Ok(())
     }
 
     pub fn unit_mut(&mut self, port: usize) -> Option<&mut Unit> {

@@ -665,3 +665,96 @@ fn hostile_registers_and_command_tables() {
         }
     }
 }
+
+/// A PRDT shorter than the command's transfer, and a slot issued again while it runs: the
+/// command fails with ABRT, and the second issue changes nothing.
+#[test]
+fn short_prdt_and_a_slot_issued_twice() {
+    let (_img, mut tb) = Tb::with_disk("short", true);
+    tb.start(1);
+    // READ DMA EXT of 8 sectors into 512 bytes of PRDT.
+    tb.issue(1, 0, h2d(0x25, 0, 8, 0, 0x40), None, &[(DATA, 512)], false);
+    tb.wait(1);
+    assert_eq!(tb.pr(1, reg::TFD) & 0xff, 0x51);
+    assert_eq!((tb.pr(1, reg::TFD) >> 8) & 0x04, 0x04, "ABRT");
+    assert_eq!(tb.prdbc(0), 0);
+    tb.pw(1, reg::CMD, 1 << 4);
+    tb.pw(1, reg::CMD, 1 << 4 | 1);
+    // No PRDT at all for a data command.
+    tb.issue(1, 1, h2d(0x25, 0, 1, 0, 0x40), None, &[], false);
+    tb.wait(1);
+    assert_eq!(tb.pr(1, reg::TFD) & 0xff, 0x51);
+    tb.pw(1, reg::CMD, 1 << 4);
+    tb.pw(1, reg::CMD, 1 << 4 | 1);
+    // Slot 2 issued, then issued again before the event loop ran: one command.
+    tb.issue(1, 2, h2d(0x25, 0, 8, 0, 0x40), None, &[(DATA, 4096)], false);
+    tb.pw(1, reg::CI, 1 << 2);
+    tb.dev.run_ports();
+    tb.wait(1);
+    assert_eq!(tb.pr(1, reg::TFD) & 0xff, 0x50);
+    assert_eq!(tb.prdbc(2), 4096);
+}
+
+/// The host changes the DVD: the next packet command reports MEDIUM CHANGED, and reads come
+/// from the new medium.
+#[test]
+fn medium_change_on_an_atapi_port() {
+    let mut tb = Tb::new(1);
+    let device = AtaDevice::atapi(AtapiParams {
+        model: "FERRY DVD-ROM".into(),
+        serial: "C0".into(),
+        firmware: "1.0".into(),
+    });
+    tb.dev
+        .attach(
+            0,
+            Unit {
+                device,
+                medium: None,
+                engine: None,
+            },
+        )
+        .unwrap();
+    tb.start(0);
+    let tur = [0u8; 12];
+    // POWER ON unit attention first, then NOT READY (no medium).
+    tb.issue(0, 0, h2d(0xa0, 0, 0, 0, 0), Some(&tur), &[], false);
+    tb.pw(0, reg::CMD, 1 << 4);
+    tb.pw(0, reg::CMD, 1 << 4 | 1);
+    tb.issue(0, 0, h2d(0xa0, 0, 0, 0, 0), Some(&tur), &[], false);
+    assert_eq!(tb.pr(0, reg::TFD) >> 12, 2, "NOT READY");
+    tb.pw(0, reg::CMD, 1 << 4);
+    tb.pw(0, reg::CMD, 1 << 4 | 1);
+    let (_img, disk) = image("newdvd");
+    let pattern = vec![0x5au8; 2048];
+    std::fs::write(
+        &_img.0,
+        [pattern.clone(), vec![0; DISK_SIZE as usize - 2048]].concat(),
+    )
+    .unwrap();
+    tb.dev.change_medium(0, Some(disk)).unwrap();
+    tb.issue(0, 0, h2d(0xa0, 0, 0, 0, 0), Some(&tur), &[], false);
+    assert_eq!(
+        tb.pr(0, reg::TFD) >> 12,
+        6,
+        "UNIT ATTENTION: medium changed"
+    );
+    tb.pw(0, reg::CMD, 1 << 4);
+    tb.pw(0, reg::CMD, 1 << 4 | 1);
+    let read = [0x28u8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+    tb.issue(
+        0,
+        1,
+        h2d(0xa0, 1, 0, 0, 0),
+        Some(&read),
+        &[(DATA, 2048)],
+        false,
+    );
+    assert_eq!(tb.pr(0, reg::TFD) & 1, 0);
+    assert_eq!(tb.data(DATA, 2048), pattern);
+    assert!(tb.dev.change_medium(0, None).is_ok());
+    assert!(matches!(
+        tb.dev.change_medium(3, None),
+        Err(AhciError::NoSuchPort { .. })
+    ));
+}
