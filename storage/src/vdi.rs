@@ -826,6 +826,9 @@ impl Layer for VdiLayer {
     fn files(&self) -> Vec<PathBuf> {
         vec![self.path.clone()]
     }
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>> {
+        vec![self.file.clone()]
+    }
 
     fn virtual_size(&self) -> u64 {
         self.hd.disk_size
