@@ -350,6 +350,9 @@ mod tests {
         fn files(&self) -> Vec<PathBuf> {
             vec![]
         }
+        fn host_files(&self) -> Vec<std::sync::Arc<dyn crate::HostFile>> {
+            vec![]
+        }
         fn virtual_size(&self) -> u64 {
             self.size
         }

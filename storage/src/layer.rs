@@ -2,10 +2,12 @@
 //! that probes, opens and creates layers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::host_file::HostFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FormatKind {
@@ -116,6 +118,9 @@ pub trait Layer: Send + Sync {
     fn path(&self) -> &Path;
     /// Every host file the layer uses.
     fn files(&self) -> Vec<PathBuf>;
+    /// The open files it reads and writes through (blocks and metadata alike): the I/O
+    /// engine turns their host cache off for `hostiocache=off`.
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>>;
     fn virtual_size(&self) -> u64;
     fn uuid(&self) -> Option<Uuid>;
     /// VDI: changes whenever the image is written (children record it).

@@ -20,7 +20,7 @@
 //! punched out, so it reads as zeros and takes no host space.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use uuid::Uuid;
 
@@ -482,7 +482,9 @@ pub struct VdiLayer {
     path: PathBuf,
     writable: bool,
     hd: Header,
-    state: Mutex<State>,
+    /// Reads share it (with the host cache off each read waits for the disk: they must
+    /// overlap); writes and metadata changes hold it alone.
+    state: RwLock<State>,
 }
 
 impl VdiLayer {
@@ -551,7 +553,7 @@ impl VdiLayer {
         let layer = Self {
             file,
             writable,
-            state: Mutex::new(State {
+            state: RwLock::new(State {
                 map,
                 allocated,
                 next_slot,
@@ -584,8 +586,12 @@ impl VdiLayer {
         Ok(layer)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn io(&self, e: std::io::Error) -> StorageError {
@@ -826,6 +832,9 @@ impl Layer for VdiLayer {
     fn files(&self) -> Vec<PathBuf> {
         vec![self.path.clone()]
     }
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>> {
+        vec![self.file.clone()]
+    }
 
     fn virtual_size(&self) -> u64 {
         self.hd.disk_size
@@ -859,7 +868,7 @@ impl Layer for VdiLayer {
         if len == 0 {
             return Ok((Allocation::Unallocated, 0));
         }
-        let st = self.lock();
+        let st = self.read_lock();
         let bs = self.hd.block_size;
         let first = offset / bs;
         let state = self.state_of(st.map[first as usize]);
@@ -873,7 +882,7 @@ impl Layer for VdiLayer {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        let st = self.lock();
+        let st = self.read_lock();
         let bs = self.hd.block_size;
         let mut done = 0usize;
         while done < buf.len() {
@@ -898,11 +907,37 @@ impl Layer for VdiLayer {
     fn write_at(&self, buf: &[u8], offset: u64, lower: &dyn LowerLayers) -> Result<()> {
         self.need_writable()?;
         self.check(offset, buf.len() as u64)?;
+        let bs = self.hd.block_size;
+        {
+            // Into blocks that are all allocated, of an image already marked modified: no
+            // map or header change, so writes share the lock and overlap on the disk.
+            let st = self.read_lock();
+            let (first, last) = (
+                offset / bs,
+                (offset + buf.len() as u64).saturating_sub(1) / bs,
+            );
+            if st.modified
+                && !buf.is_empty()
+                && (first..=last).all(|i| is_allocated(st.map[i as usize]))
+            {
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let off = offset + done as u64;
+                    let within = off % bs;
+                    let n = ((bs - within) as usize).min(buf.len() - done);
+                    let entry = st.map[(off / bs) as usize];
+                    self.file
+                        .write_at(&buf[done..done + n], self.slot_offset(entry) + within)
+                        .map_err(|e| self.io(e))?;
+                    done += n;
+                }
+                return Ok(());
+            }
+        }
         let mut st = self.lock();
         if !buf.is_empty() {
             self.mark_modified(&mut st);
         }
-        let bs = self.hd.block_size;
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;

@@ -1029,6 +1029,9 @@ impl Layer for VhdLayer {
     fn files(&self) -> Vec<PathBuf> {
         vec![self.path.clone()]
     }
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>> {
+        vec![self.file.clone()]
+    }
     fn virtual_size(&self) -> u64 {
         self.size
     }

@@ -5,7 +5,12 @@
 //! Raw images are the fast path: reads and writes go straight between the image file and
 //! guest memory (no copy), through io_uring where the kernel has it. Dynamic formats and
 //! chains need their block maps and copy-on-write, so their requests run on pool threads
-//! through [`Disk`], with one copy between guest memory and a host buffer.
+//! through [`Disk`], with one copy between guest memory and an aligned host buffer.
+//!
+//! Host cache off (`hostiocache=off`) means O_DIRECT for every file of every layer: the
+//! raw fast path opens its own O_DIRECT descriptor; for the image layer the engine asks
+//! each layer's host files to bypass the cache (see [`crate::host_file`]), which covers
+//! data and metadata of every format through one descriptor per file.
 
 use std::collections::VecDeque;
 use std::io;
@@ -38,6 +43,9 @@ const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
 
 /// The most iovecs one readv/writev takes (Linux UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
+
+/// Alignment of image-layer buffers: a page, which every O_DIRECT file accepts.
+const LAYER_BUF_ALIGN: usize = 4096;
 
 /// Which engine performs the host I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +193,10 @@ impl IoEngine {
         } else {
             None
         };
+        let layer_cache = match (&raw, opts.host_cache) {
+            (None, false) => Some(bypass_layer_caches(&disk)?),
+            _ => None,
+        };
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
         let depth = opts.queue_depth.clamp(1, 4096);
         let uring = match (opts.engine, &raw) {
@@ -220,16 +232,15 @@ impl IoEngine {
         } else {
             EngineKind::ThreadPool
         };
-        let cache = match (&raw, opts.host_cache) {
-            (_, true) => "on (host page cache)".to_string(),
-            (Some(RawFiles { direct: Some(_), mem_align, off_align, .. }), false) => {
+        let cache = match (&raw, opts.host_cache, layer_cache) {
+            (_, true, _) => "on (host page cache)".to_string(),
+            (Some(RawFiles { direct: Some(_), mem_align, off_align, .. }), false, _) => {
                 format!("off (O_DIRECT, memory aligned to {mem_align}, offsets to {off_align})")
             }
-            (Some(_), false) => "off requested, but the file system has no O_DIRECT: host page cache".into(),
-            (None, false) => format!(
-                "off requested; {} images go through the host page cache (only raw images bypass it)",
-                top.format().name()
+            (None, false, Some((direct, all))) if direct > 0 => format!(
+                "off (O_DIRECT on {direct} of {all} layer files, unaligned pieces through aligned buffers)"
             ),
+            _ => "off requested, but the file system has no O_DIRECT: host page cache".into(),
         };
         let route = if raw.is_some() {
             "raw fast path".to_string()
@@ -516,12 +527,12 @@ impl IoEngine {
                     Work::DiskRead {
                         disk,
                         offset,
-                        buf: vec![0; len as usize],
+                        buf: AlignedBuf::new(len as usize, LAYER_BUF_ALIGN),
                     }
                 }
                 IoOp::Write => {
-                    let mut buf = vec![0; len as usize];
-                    gather(&self.mem, &req.sg, &mut buf)?;
+                    let mut buf = AlignedBuf::new(len as usize, LAYER_BUF_ALIGN);
+                    gather(&self.mem, &req.sg, buf.as_mut_slice())?;
                     Work::DiskWrite { disk, offset, buf }
                 }
                 IoOp::Flush => Work::DiskFlush { disk },
@@ -706,6 +717,31 @@ impl Drop for IoEngine {
         }
         // The pool (next field) finishes its queued jobs when it drops.
     }
+}
+
+/// Turns the host cache off for every file of every layer (O_DIRECT): how many took it, of
+/// how many. A file system without O_DIRECT keeps its files buffered, said once per file.
+fn bypass_layer_caches(disk: &Disk) -> Result<(usize, usize), EngineError> {
+    let (mut direct, mut all) = (0, 0);
+    for layer in disk.layers() {
+        for f in layer.host_files() {
+            all += 1;
+            match f.bypass_host_cache() {
+                Ok(Some(_)) => direct += 1,
+                Ok(None) => tracing::warn!(
+                    "{}: the host file system does not support O_DIRECT; hostiocache=off uses the page cache for this file",
+                    f.path().display()
+                ),
+                Err(source) => {
+                    return Err(EngineError::Open {
+                        path: f.path().to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+    Ok((direct, all))
 }
 
 /// Copies the guest's scatter-gather list into `buf`.

@@ -155,6 +155,10 @@ impl AlignedBuf {
         Self { ptr, len, layout }
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is a live allocation of at least len initialized (zeroed) bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }

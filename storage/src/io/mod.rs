@@ -55,5 +55,7 @@ pub use engine::{
     EngineChoice, EngineError, EngineKind, EngineOptions, IoEngine, IoStats, MAX_TRANSFER,
 };
 pub use request::{Completion, IoError, IoOp, Request, SECTOR};
+
+pub(crate) use iovec::AlignedBuf;
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::engine::EngineError;
+use crate::host_file::DirectAlign;
 
 /// A raw image's file, opened by the engine itself for the fast path.
 pub(crate) struct RawFiles {
@@ -50,24 +51,17 @@ pub(crate) fn open_raw(
             Err(e) => return Err(e),
         }
     }
-    // Without STATX_DIOALIGN (Linux < 6.1) assume 4 KiB, which every block device accepts.
-    let (mut mem_align, mut off_align) = (4096usize, 4096u64);
-    if let Some(f) = &direct {
-        use rustix::fs::{statx, AtFlags, StatxFlags};
-        if let Ok(st) = statx(f.as_fd(), "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
-            if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
-                && st.stx_dio_mem_align > 0
-                && st.stx_dio_offset_align > 0
-            {
-                mem_align = st.stx_dio_mem_align as usize;
-                off_align = u64::from(st.stx_dio_offset_align);
-            }
-        }
-    }
+    let al = direct.as_ref().map_or(
+        DirectAlign {
+            mem: 4096,
+            offset: 4096,
+        },
+        |f| DirectAlign::of(f.as_fd()),
+    );
     Ok(RawFiles {
         buffered,
         direct,
-        mem_align,
-        off_align,
+        mem_align: al.mem,
+        off_align: al.offset,
     })
 }

@@ -479,6 +479,9 @@ impl Layer for FullLayer {
     fn files(&self) -> Vec<PathBuf> {
         vec![]
     }
+    fn host_files(&self) -> Vec<Arc<dyn crate::HostFile>> {
+        vec![]
+    }
     fn virtual_size(&self) -> u64 {
         MIB
     }

@@ -4,7 +4,7 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use super::iovec::{preadv_all, pwritev_all, Iovecs};
+use super::iovec::{preadv_all, pwritev_all, AlignedBuf, Iovecs};
 use super::request::IoError;
 use crate::Disk;
 
@@ -31,15 +31,17 @@ pub(crate) enum Work {
         len: u64,
     },
     /// Dynamic formats and chains: through the image layer, which knows the block map.
+    /// The buffers are aligned, so a layer file with O_DIRECT takes block-aligned pieces of
+    /// them without another copy.
     DiskRead {
         disk: Arc<Disk>,
         offset: u64,
-        buf: Vec<u8>,
+        buf: AlignedBuf,
     },
     DiskWrite {
         disk: Arc<Disk>,
         offset: u64,
-        buf: Vec<u8>,
+        buf: AlignedBuf,
     },
     DiskFlush {
         disk: Arc<Disk>,
@@ -98,10 +100,10 @@ impl Work {
                 })
             }
             Self::DiskRead { disk, offset, buf } => {
-                image(disk.read_at(buf, *offset)).map(|_| buf.len() as u64)
+                image(disk.read_at(buf.as_mut_slice(), *offset)).map(|_| buf.len() as u64)
             }
             Self::DiskWrite { disk, offset, buf } => {
-                image(disk.write_at(buf, *offset)).map(|_| buf.len() as u64)
+                image(disk.write_at(buf.as_slice(), *offset)).map(|_| buf.len() as u64)
             }
             Self::DiskFlush { disk } => image(disk.flush()).map(|_| 0),
             Self::DiskDiscard { disk, offset, len } => {

@@ -210,11 +210,16 @@ pub fn copy(
             waiting.insert(piece.index, piece);
             while let Some(p) = waiting.remove(&want) {
                 for &(at, n) in &p.runs {
-                    if let Err(e) = dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower) {
-                        return fail(e);
+                    // A raw target's pieces were written by their readers already.
+                    if !parallel_writes {
+                        if let Err(e) =
+                            dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower)
+                        {
+                            return fail(e);
+                        }
+                        syncer.wrote(n as u64);
                     }
                     stats.written += n as u64;
-                    syncer.wrote(n as u64);
                 }
                 progress.advance(p.buf.len() as u64);
                 pool.lock().unwrap_or_else(|e| e.into_inner()).push(p.buf);
@@ -343,6 +348,85 @@ mod tests {
                 (5 * PIECE, 1)
             ]
         );
+    }
+
+    /// A raw target counting the bytes written into it.
+    struct Counting {
+        size: u64,
+        written: AtomicUsize,
+        path: std::path::PathBuf,
+    }
+
+    impl Layer for Counting {
+        fn format(&self) -> crate::layer::FormatKind {
+            crate::layer::FormatKind::Raw
+        }
+        fn variant(&self) -> crate::layer::Variant {
+            crate::layer::Variant::Fixed
+        }
+        fn path(&self) -> &std::path::Path {
+            &self.path
+        }
+        fn files(&self) -> Vec<std::path::PathBuf> {
+            vec![]
+        }
+        fn host_files(&self) -> Vec<std::sync::Arc<dyn crate::HostFile>> {
+            vec![]
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn uuid(&self) -> Option<uuid::Uuid> {
+            None
+        }
+        fn parent(&self) -> Option<crate::layer::ParentRef> {
+            None
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn block_status(&self, _: u64, len: u64) -> Result<(crate::layer::Allocation, u64)> {
+            Ok((crate::layer::Allocation::Data, len))
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], _: u64, _: &dyn LowerLayers) -> Result<()> {
+            self.written.fetch_add(buf.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A raw target is written by the readers, each byte once (the writer thread only
+    /// keeps the order of the others).
+    #[test]
+    fn raw_targets_are_written_once() {
+        let size = 8 * PIECE;
+        let read = |buf: &mut [u8], off: u64| {
+            // Data in every other grain, zeros between.
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = off + i as u64;
+                *b = u8::from((at / GRAIN as u64).is_multiple_of(2));
+            }
+            Ok(())
+        };
+        let src = Source {
+            read: &read,
+            ranges: vec![(0, size)],
+            below: None,
+        };
+        let dst = Counting {
+            size,
+            written: AtomicUsize::new(0),
+            path: "counting".into(),
+        };
+        let stats = copy(&src, &dst, &crate::layer::NoLowerLayers, 2, &Silent).unwrap();
+        assert_eq!(stats.written, size / 2);
+        assert_eq!(dst.written.load(Ordering::SeqCst) as u64, size / 2);
     }
 
     #[test]

@@ -440,6 +440,12 @@ impl Layer for Bundle {
     fn files(&self) -> Vec<PathBuf> {
         self.files.clone()
     }
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>> {
+        self.extents
+            .iter()
+            .flat_map(|e| e.levels.iter().flat_map(|l| l.host_files()))
+            .collect()
+    }
     fn virtual_size(&self) -> u64 {
         self.size
     }

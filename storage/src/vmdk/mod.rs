@@ -733,6 +733,25 @@ impl Layer for VmdkLayer {
     fn files(&self) -> Vec<PathBuf> {
         self.files.clone()
     }
+    fn host_files(&self) -> Vec<Arc<dyn HostFile>> {
+        let mut out = vec![self.main.clone()];
+        for e in &self.extents {
+            if let Data::Flat { file, .. } = &e.data {
+                out.push(file.clone());
+            }
+        }
+        out.extend(self.lock().sparse.iter().map(|s| s.file.clone()));
+        // A monolithic sparse image's main file is its only extent: list it once.
+        let mut seen = Vec::new();
+        out.retain(|f| {
+            let p = Arc::as_ptr(f).cast::<()>();
+            !seen.contains(&p) && {
+                seen.push(p);
+                true
+            }
+        });
+        out
+    }
     fn virtual_size(&self) -> u64 {
         self.size
     }

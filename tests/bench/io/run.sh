@@ -3,14 +3,17 @@
 # against fio on the same raw file with the same queue depth, for 4 KiB random and
 # 1 MiB sequential reads and writes, host cache on (buffered) and off (O_DIRECT).
 # Prints IOPS and MB/s of both and the ratio ferry/fio, and the goal check
-# (>= 0.90, information only). See tests/bench/src/io.rs.
+# (>= 0.90, information only). With --format vdi: a dynamic VDI through the image layer
+# (O_DIRECT on the image file with the cache off) against `qemu-img bench -f vdi`.
+# See tests/bench/src/io.rs.
 #
 # Usage: tests/bench/io/run.sh [--size SIZE] [--runtime SECS] [--runs N]
-#            [--dir DIR] [-- IO-BENCH-ARGS...]
+#            [--dir DIR] [--format raw|vdi] [-- IO-BENCH-ARGS...]
 #   --size SIZE     size of the test file (default 1G)
 #   --runtime SECS  seconds per job and tool (default 3)
 #   --runs N        repeats per job, fio and ferry alternating; medians (default 3)
 #   --dir DIR       folder of the test file (default target/bench/io)
+#   --format F      raw (default, against fio) or vdi (against qemu-img bench)
 #   after --        passed on to io-bench (e.g. --qd 64, --cache off,
 #                   --jobs randread,read, --engine threads)
 # fio is installed with apt-get when missing and this runs as root.
@@ -20,7 +23,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 die() { echo "bench/io: $*" >&2; exit 2; }
 
-size=1G runtime=3 runs=3 dir=""
+size=1G runtime=3 runs=3 dir="" format=raw
 extra=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -28,8 +31,9 @@ while [ $# -gt 0 ]; do
         --runtime) runtime=${2:?--runtime needs seconds}; shift 2 ;;
         --runs) runs=${2:?--runs needs a number}; shift 2 ;;
         --dir) dir=${2:?--dir needs a folder}; shift 2 ;;
+        --format) format=${2:?--format needs raw or vdi}; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -50,5 +54,5 @@ fi
 echo "bench/io: building io-bench (cargo build --release)"
 cargo build --release -p ferry-bench --bin io-bench
 df -hT "$dir" | sed 's/^/bench\/io:   /'
-exec target/release/io-bench --file "$dir/bench.raw" --size "$size" --runtime "$runtime" \
-    --runs "$runs" "${extra[@]}"
+exec target/release/io-bench --file "$dir/bench.$format" --format "$format" --size "$size" \
+    --runtime "$runtime" --runs "$runs" "${extra[@]}"

@@ -9,6 +9,12 @@
 //! pattern, queue depth and run time, one job. fio and ferry take turns per job. The result is a
 //! table of IOPS and MB/s and the ratio ferry/fio; the goal (>= 0.90) is text only.
 //!
+//! `--format vdi` measures a dynamic VDI instead (every block allocated), which goes through
+//! the image layer on pool threads, with O_DIRECT on the image file when the cache is off.
+//! fio cannot read VDI, so the peer is `qemu-img bench -f vdi` with the same block size,
+//! queue depth and cache mode (`-t none` / `writeback`): it moves a fixed count of requests,
+//! by a fixed stride through the image for the random jobs (4 KiB times a prime, wrapping).
+//!
 //! Driver: tests/bench/io/run.sh.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_storage::io::{EngineChoice, EngineOptions, IoEngine, Request};
-use ferry_storage::Disk;
+use ferry_storage::{create_image, CreateOptions, Disk, FormatKind, Variant};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const USAGE: &str = "\
@@ -37,7 +43,9 @@ Options:
   --engine E       auto, io_uring or threads (default auto)
   --runs N         measure each job N times, fio and ferry taking turns in
                    alternating order; the table shows medians (default 3)
-  --no-fio         measure ferry only
+  --format F       raw (default) or vdi: the test file's format; vdi is measured
+                   against qemu-img bench instead of fio
+  --no-fio         measure ferry only (no fio, no qemu-img)
   -h, --help       this text
 
 Exit status: 0 whatever the numbers; 1 when ferry's engine failed; 2 on a usage error.";
@@ -93,6 +101,7 @@ struct Opts {
     engine: EngineChoice,
     fio: bool,
     runs: usize,
+    vdi: bool,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -117,6 +126,7 @@ fn parse_args() -> Result<Opts, String> {
         engine: EngineChoice::Auto,
         fio: true,
         runs: 3,
+        vdi: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -179,6 +189,13 @@ fn parse_args() -> Result<Opts, String> {
                 }
             }
             "--no-fio" => o.fio = false,
+            "--format" => {
+                o.vdi = match val()?.as_str() {
+                    "raw" => false,
+                    "vdi" => true,
+                    f => return Err(format!("--format: '{f}' is not raw or vdi")),
+                }
+            }
             "--runs" => {
                 o.runs = val()?
                     .parse()
@@ -197,7 +214,31 @@ fn parse_args() -> Result<Opts, String> {
 }
 
 /// Makes the file fully allocated (so reads come from real blocks, not holes).
-fn prepare(path: &Path, size: u64) -> std::io::Result<()> {
+fn prepare(path: &Path, size: u64, vdi: bool) -> Result<(), String> {
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + 3) as u8).collect();
+    if vdi {
+        // Reused when it is a VDI of this size already.
+        if Disk::open(path, false, &[])
+            .is_ok_and(|d| d.size() == size && d.layers()[0].format() == FormatKind::Vdi)
+        {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        let opts = CreateOptions {
+            size,
+            variant: Variant::Dynamic,
+            parent: None,
+        };
+        let layer = create_image(path, FormatKind::Vdi, &opts).map_err(|e| e.to_string())?;
+        let disk = Disk::from_layers(vec![layer]).map_err(|e| e.to_string())?;
+        for i in 0..size >> 20 {
+            disk.write_at(&chunk, i << 20).map_err(|e| e.to_string())?;
+        }
+        return disk.flush().map_err(|e| e.to_string());
+    }
     if std::fs::metadata(path)
         .map(|m| m.len() == size)
         .unwrap_or(false)
@@ -205,15 +246,14 @@ fn prepare(path: &Path, size: u64) -> std::io::Result<()> {
         return Ok(());
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     }
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + 3) as u8).collect();
+    let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
     for _ in 0..size >> 20 {
-        f.write_all(&chunk)?;
+        f.write_all(&chunk).map_err(|e| e.to_string())?;
     }
-    f.sync_all()
+    f.sync_all().map_err(|e| e.to_string())
 }
 
 /// Writes back what the previous job left dirty, so it does not slow the next one.
@@ -303,7 +343,7 @@ fn run_ferry(o: &Opts, job: Job, cache: bool, qd: u32) -> Result<(Result_, &'sta
     let secs = start.elapsed().as_secs_f64();
     // Aligned guest buffers: the fast path must not have copied anything.
     let st = e.stats();
-    if st.bounced > 0 || st.image_layer > 0 {
+    if !o.vdi && (st.bounced > 0 || st.image_layer > 0) {
         return Err(format!("the engine copied data on the fast path: {st:?}"));
     }
     Ok((
@@ -358,6 +398,40 @@ fn run_fio(o: &Opts, job: Job, cache: bool, qd: u32) -> Result<Result_, String> 
     })
 }
 
+/// `qemu-img bench` on the VDI: a fixed count of requests (about --runtime at a few
+/// thousand IOPS), timed by qemu-img itself.
+fn run_qemu_bench(o: &Opts, job: Job, cache: bool, qd: u32) -> Result<Result_, String> {
+    let bs = job.block();
+    let count: u64 = if job.random() { 20_000 } else { o.size / bs };
+    // Random jobs: a stride of 7919 blocks (prime, so it visits every block before
+    // repeating); sequential: the next block.
+    let step = if job.random() { 7919 * bs } else { bs };
+    let mut c = Command::new("qemu-img");
+    c.args(["bench", "-f", "vdi", "-q"])
+        .args(["-t", if cache { "writeback" } else { "none" }])
+        .args(["-c", &count.to_string(), "-d", &qd.to_string()])
+        .args(["-s", &bs.to_string(), "-S", &step.to_string()]);
+    if job.write() {
+        c.arg("-w");
+    }
+    let start = Instant::now();
+    let out = c
+        .arg(&o.file)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img ({e})"))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img bench failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(Result_ {
+        iops: count as f64 / secs,
+        mbps: (count * bs) as f64 / secs / 1e6,
+    })
+}
+
 fn main() -> ExitCode {
     let o = match parse_args() {
         Ok(o) => o,
@@ -366,7 +440,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = prepare(&o.file, o.size) {
+    if let Err(e) = prepare(&o.file, o.size, o.vdi) {
         eprintln!("io-bench: {}: {e}", o.file.display());
         return ExitCode::from(2);
     }
@@ -390,7 +464,11 @@ fn main() -> ExitCode {
                 for tool in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
                     settle(&o.file);
                     if tool == 0 && o.fio {
-                        match run_fio(&o, job, cache, qd) {
+                        let peer = match o.vdi {
+                            true => run_qemu_bench(&o, job, cache, qd),
+                            false => run_fio(&o, job, cache, qd),
+                        };
+                        match peer {
                             Ok(r) => fios.push(r),
                             Err(e) => eprintln!("io-bench: {e}"),
                         }
@@ -412,10 +490,22 @@ fn main() -> ExitCode {
             rows.push((job, cache, qd, fio, ferry));
         }
     }
-    println!("ferry engine: {engine_name} (no data copied: guest buffers aligned); fio: --ioengine=io_uring, same file, block size, pattern and queue depth");
+    let peer = if o.vdi { "qemu" } else { "fio" };
+    if o.vdi {
+        println!("ferry engine: {engine_name} through the VDI image layer; qemu-img bench -f vdi, same file, block size, queue depth and cache mode (stride, not random, offsets)");
+    } else {
+        println!("ferry engine: {engine_name} (no data copied: guest buffers aligned); fio: --ioengine=io_uring, same file, block size, pattern and queue depth");
+    }
     println!(
         "{:<20} {:>5} {:>3} {:>11} {:>11} {:>9} {:>9} {:>6}",
-        "job", "cache", "qd", "fio IOPS", "ferry IOPS", "fio MB/s", "ferry", "ratio"
+        "job",
+        "cache",
+        "qd",
+        format!("{peer} IOPS"),
+        "ferry IOPS",
+        format!("{peer} MB/s"),
+        "ferry",
+        "ratio"
     );
     let mut worst: Option<f64> = None;
     for (job, cache, qd, fio, ferry) in &rows {
@@ -445,7 +535,7 @@ fn main() -> ExitCode {
     }
     if let Some(w) = worst {
         println!(
-            "goal: ferry >= 0.90 of fio's IOPS and throughput in every job: {} (lowest ratio {w:.2})",
+            "goal: ferry >= 0.90 of {peer}'s IOPS and throughput in every job: {} (lowest ratio {w:.2})",
             if w >= 0.9 { "met" } else { "NOT met" }
         );
     }

@@ -5,7 +5,8 @@
 //! data, 15% written zeros and 35% holes (what a used guest disk looks like), converted by
 //! qemu-img into each source format, so both tools read the very same file. Each pair
 //! SRC:DST is timed --runs times per tool (alternating which goes first; the page cache is warm
-//! for both: the source is read once before timing). Each tool runs twice per turn: qemu-img as
+//! for both: the source is read once before timing; every run starts after a `sync`, so none
+//! pays for the write-back of the one before). Each tool runs twice per turn: qemu-img as
 //! it comes (its default cache mode for the target, `unsafe`, never flushes) and with
 //! `-t writeback` (flushed at the end); ferry as it comes (flushed) and with `--no-sync`. Both
 //! tools' outputs are checked with
@@ -271,6 +272,9 @@ fn bench(o: &Opts) -> Result<Vec<Row>, String> {
                 [3, 2, 1, 0]
             };
             for tool in order {
+                // Untimed: the previous run's dirty pages (a no-flush run leaves hundreds of
+                // MiB) would otherwise be written back during this one and bill it.
+                let _ = Command::new("sync").status();
                 if tool < 2 {
                     remove_image(&qdst);
                     let cache = if tool == 0 { "unsafe" } else { "writeback" };
