@@ -426,8 +426,10 @@ sc_ahci_formats() {
     boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
 for d in /sys/block/sd*; do
   dev=/dev/$(basename $d); a=$(readlink -f $d/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p"); t=$((a - 1))
-  fio --name=v --filename=$dev --size=16M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+  t0=$(cut -d" " -f1 /proc/uptime)
+  fio --name=v --filename=$dev --size=8M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
       --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null 2>/tmp/fio.err && echo "FIO port$t ok" || { echo "FIO port$t FAIL"; cat /tmp/fio.err; }
+  echo "TIME port$t $t0 $(cut -d" " -f1 /proc/uptime)"
   yes "FERRY-PORT-$t" | head -c 1048576 | dd of=$dev bs=65536 seek=1024 oflag=direct 2>/dev/null
 done
 sync; echo WRITTEN=yes' --memory 512M --cpus 1 $attach
