@@ -483,7 +483,7 @@ impl IoEngine {
         match &work {
             Work::Readv { fd, .. } | Work::Writev { fd, .. } => {
                 let direct = self.raw.as_ref().and_then(|r| r.direct.as_ref());
-                offload = req_len >= OFFLOAD_BYTES && !direct.is_some_and(|f| f.as_raw_fd() == *fd);
+                offload = req_len >= OFFLOAD_BYTES && direct.is_none_or(|f| f.as_raw_fd() != *fd);
                 if slot.bounce.is_some() {
                     self.stats.bounced += 1;
                 } else {
