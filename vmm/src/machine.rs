@@ -153,7 +153,6 @@ fn boot_once(
         size: cfg.memory >> 20,
         detail: e.to_string(),
     })?;
-    advise_huge_pages(&mem);
     let cpus = cfg.cpus as u8;
 
     let vm = hv.create_vm()?;
@@ -345,25 +344,6 @@ fn boot_once(
     sink.flush_pending();
     drop(vm);
     result
-}
-
-/// Asks the host kernel to back guest RAM with transparent huge pages, as QEMU does: the
-/// guest's memory accesses then take shorter nested page walks, which matters most where
-/// the host is itself a guest (the test host). Without THP it is a no-op.
-fn advise_huge_pages(mem: &GuestMemoryMmap) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    for region in mem.iter() {
-        let (ptr, len) = (region.as_ptr(), region.len() as usize);
-        // SAFETY: the range is exactly one mapping that `mem` owns and keeps alive; the advice
-        // changes only how the kernel backs it, never its contents.
-        let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            tracing::debug!(
-                "madvise(MADV_HUGEPAGE) on guest RAM: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 fn event_loop(
