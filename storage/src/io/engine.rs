@@ -111,10 +111,6 @@ pub enum EngineError {
     Uring(io::Error),
 }
 
-/// Buffered transfers at least this large are copied by the kernel's io_uring workers
-/// instead of inside the submit call.
-const OFFLOAD_BYTES: u64 = 64 << 10;
-
 /// A request that passed validation, waiting for the host (bandwidth group, full queue).
 struct Pending {
     req: Request,
@@ -473,17 +469,11 @@ impl IoEngine {
                 return Ok(());
             }
         };
-        let req_len = req.len;
         if req.op == IoOp::Read {
             slot.sg = req.sg;
         }
-        // Large buffered transfers go to the kernel's workers (see `Uring::push`); with
-        // O_DIRECT the kernel does not copy, and small copies cost less than the hand-off.
-        let mut offload = false;
         match &work {
             Work::Readv { fd, .. } | Work::Writev { fd, .. } => {
-                let direct = self.raw.as_ref().and_then(|r| r.direct.as_ref());
-                offload = req_len >= OFFLOAD_BYTES && direct.is_none_or(|f| f.as_raw_fd() != *fd);
                 if slot.bounce.is_some() {
                     self.stats.bounced += 1;
                 } else {
@@ -507,7 +497,7 @@ impl IoEngine {
         match (&mut self.uring, on_ring && work.is_file_op()) {
             (Some(ring), true) => {
                 slot.work = Some(work);
-                let pushed = slot.work.as_ref().map(|w| ring.push(id, w, offload));
+                let pushed = slot.work.as_ref().map(|w| ring.push(id, w));
                 self.slots[id] = Some(slot);
                 if let Some(Err(e)) = pushed {
                     self.finish(id, None, Err(IoError::Host(e)));

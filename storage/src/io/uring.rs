@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::work::Work;
@@ -37,10 +37,8 @@ impl Uring {
     }
 
     /// Queues `work` (a file operation) under `id`. The caller keeps `work` and its buffers
-    /// alive and unmoved until `reap` returns `id`. `offload` sends it to the kernel's
-    /// io_uring workers at once: a buffered transfer that the page cache could serve would
-    /// otherwise be copied inside the submit call, on the thread that runs the devices.
-    pub(crate) fn push(&mut self, id: usize, work: &Work, offload: bool) -> io::Result<()> {
+    /// alive and unmoved until `reap` returns `id`.
+    pub(crate) fn push(&mut self, id: usize, work: &Work) -> io::Result<()> {
         let entry = match work {
             Work::Readv { fd, offset, iov } => {
                 opcode::Readv::new(types::Fd(*fd), iov.as_ptr(), iov.count() as u32)
@@ -62,11 +60,6 @@ impl Uring {
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
         .user_data(id as u64);
-        let entry = if offload {
-            entry.flags(squeue::Flags::ASYNC)
-        } else {
-            entry
-        };
         // SAFETY: the entry's fd and iovec array (and the memory the iovecs name: guest memory
         // held mapped by the engine, or a bounce buffer in the same in-flight slot) stay valid
         // until its completion is reaped, which the engine guarantees (it drains the ring
