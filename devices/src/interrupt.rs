@@ -19,8 +19,29 @@ pub trait MsiSender: Send + Sync {
 
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::EdgeInterrupt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use super::{EdgeInterrupt, LevelInterrupt, MsiSender};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// A level-triggered line that remembers its level.
+    #[derive(Default)]
+    pub struct Line(pub AtomicBool);
+
+    impl LevelInterrupt for Line {
+        fn set_level(&self, a: bool) {
+            self.0.store(a, Ordering::SeqCst);
+        }
+    }
+
+    /// Records every message-signalled interrupt as (address, data).
+    #[derive(Default)]
+    pub struct Msis(pub Mutex<Vec<(u64, u32)>>);
+
+    impl MsiSender for Msis {
+        fn send(&self, a: u64, d: u32) {
+            self.0.lock().unwrap().push((a, d));
+        }
+    }
 
     /// Counts the interrupts a device raised.
     #[derive(Default)]

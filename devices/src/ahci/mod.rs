@@ -364,7 +364,12 @@ impl PciDevice for Ahci {
             data.fill(0xff);
             return;
         }
-        // Registers are dwords; narrower reads take their bytes, a qword read two dwords.
+        // Registers are dwords (what drivers use); narrower reads take their bytes, a qword
+        // read two dwords.
+        if data.len() == 4 && offset & 3 == 0 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+            return;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             let at = offset + i as u64;
             let v = self.read_reg(at & !3);

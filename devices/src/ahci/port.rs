@@ -545,19 +545,11 @@ impl Port {
             if f.generation != self.generation {
                 continue;
             }
-            let result = match &c.result {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_no_space() => {
-                    tracing::error!(
-                        "ahci: the host disk is full: free space on it; the guest sees write errors until then"
-                    );
-                    Err(IoFailure::NoSpace)
-                }
-                Err(e) => {
-                    tracing::warn!("ahci: {e}");
-                    Err(IoFailure::Medium)
-                }
-            };
+            let result = c
+                .result
+                .as_ref()
+                .map(|_| ())
+                .map_err(IoFailure::from_engine);
             if result.is_ok() && f.io.fua && !f.flushing {
                 f.flushing = true;
                 if let Some(engine) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {

@@ -117,21 +117,6 @@ impl DataOut for SgReader<'_> {
     }
 }
 
-fn failure(e: &ferry_storage::StorageError) -> IoFailure {
-    tracing::warn!("ahci: {e}");
-    match e {
-        ferry_storage::StorageError::Io { source, .. }
-            if source.kind() == std::io::ErrorKind::StorageFull =>
-        {
-            tracing::error!(
-                "the host disk is full: free space on it; the guest sees write errors until then"
-            );
-            IoFailure::NoSpace
-        }
-        _ => IoFailure::Medium,
-    }
-}
-
 /// Performs `io` through the image layer on this thread: for units without an I/O engine
 /// (a medium the host changed) and for the rare discard and zeroing requests. `sg` holds
 /// exactly `io.len` bytes for reads and writes.
@@ -147,20 +132,21 @@ pub fn perform(disk: &Disk, io: &AtaIo, sg: &Sg, mem: &GuestMemoryMmap) -> Resul
                     let at = GuestAddress(addr.0.wrapping_add(done as u64));
                     if matches!(io.kind, MediumIoKind::Read) {
                         disk.read_at(&mut buf[..n], offset)
-                            .map_err(|e| failure(&e))?;
+                            .map_err(|e| IoFailure::from_storage(&e))?;
                         mem.write_slice(&buf[..n], at)
                             .map_err(|_| IoFailure::Other)?;
                     } else {
                         mem.read_slice(&mut buf[..n], at)
                             .map_err(|_| IoFailure::Other)?;
-                        disk.write_at(&buf[..n], offset).map_err(|e| failure(&e))?;
+                        disk.write_at(&buf[..n], offset)
+                            .map_err(|e| IoFailure::from_storage(&e))?;
                     }
                     done += n;
                     offset += n as u64;
                 }
             }
             if io.fua && matches!(io.kind, MediumIoKind::Write) {
-                disk.flush().map_err(|e| failure(&e))?;
+                disk.flush().map_err(|e| IoFailure::from_storage(&e))?;
             }
             Ok(())
         }
@@ -170,15 +156,15 @@ pub fn perform(disk: &Disk, io: &AtaIo, sg: &Sg, mem: &GuestMemoryMmap) -> Resul
             while done < io.len {
                 let n = (io.len - done).min(buf.len() as u64) as usize;
                 disk.write_at(&buf[..n], io.offset + done)
-                    .map_err(|e| failure(&e))?;
+                    .map_err(|e| IoFailure::from_storage(&e))?;
                 done += n as u64;
             }
             Ok(())
         }
-        MediumIoKind::Flush => disk.flush().map_err(|e| failure(&e)),
+        MediumIoKind::Flush => disk.flush().map_err(|e| IoFailure::from_storage(&e)),
         MediumIoKind::Discard(ranges) => ranges
             .iter()
             .try_for_each(|&(off, n)| disk.discard(off, n))
-            .map_err(|e| failure(&e)),
+            .map_err(|e| IoFailure::from_storage(&e)),
     }
 }

@@ -2,8 +2,8 @@
 //! guest memory, PxCI written, FISes and interrupts checked; data over a raw image file.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_storage::io::{EngineOptions, IoEngine};
@@ -13,28 +13,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::port::{irq, reg};
 use super::*;
 use crate::ata::{AtaDevice, AtaDiskParams, AtapiParams};
+use crate::interrupt::testing::{Line, Msis};
 
 const CLB: u64 = 0x10000;
 const FB: u64 = 0x18000;
 const CT: u64 = 0x20000;
 const DATA: u64 = 0x100000;
 const DISK_SIZE: u64 = 4 << 20;
-
-#[derive(Default)]
-struct Line(AtomicBool);
-impl LevelInterrupt for Line {
-    fn set_level(&self, a: bool) {
-        self.0.store(a, Ordering::SeqCst);
-    }
-}
-
-#[derive(Default)]
-struct Msis(Mutex<Vec<(u64, u32)>>);
-impl MsiSender for Msis {
-    fn send(&self, a: u64, d: u32) {
-        self.0.lock().unwrap().push((a, d));
-    }
-}
 
 struct Image(PathBuf);
 impl Drop for Image {

@@ -173,6 +173,37 @@ pub enum IoFailure {
     Other,
 }
 
+impl IoFailure {
+    /// What an image-layer error becomes for the guest (the host's own words go to the log).
+    pub fn from_storage(e: &ferry_storage::StorageError) -> Self {
+        tracing::warn!("disk I/O: {e}");
+        match e {
+            ferry_storage::StorageError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                Self::no_space()
+            }
+            _ => Self::Medium,
+        }
+    }
+
+    /// What an I/O engine's completion error becomes for the guest.
+    pub fn from_engine(e: &ferry_storage::io::IoError) -> Self {
+        if e.is_no_space() {
+            return Self::no_space();
+        }
+        tracing::warn!("disk I/O: {e}");
+        Self::Medium
+    }
+
+    fn no_space() -> Self {
+        tracing::error!(
+            "the host disk is full: free space on it; the guest sees write errors until then"
+        );
+        Self::NoSpace
+    }
+}
+
 #[derive(Debug)]
 pub enum LogicalUnit {
     Disk(DiskUnit),

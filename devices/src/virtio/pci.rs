@@ -507,8 +507,7 @@ impl PciDevice for VirtioPci {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress};
 
     /// A device with one queue that answers each request byte with that byte plus one.
@@ -550,20 +549,7 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Line(AtomicBool);
-    impl LevelInterrupt for Line {
-        fn set_level(&self, a: bool) {
-            self.0.store(a, Ordering::SeqCst);
-        }
-    }
-    #[derive(Default)]
-    struct Msis(Mutex<Vec<(u64, u32)>>);
-    impl MsiSender for Msis {
-        fn send(&self, a: u64, d: u32) {
-            self.0.lock().unwrap().push((a, d));
-        }
-    }
+    use crate::interrupt::testing::{Line, Msis};
 
     fn w(dev: &mut VirtioPci, off: u64, v: u32, len: usize) {
         dev.bar_write(0, off, &v.to_le_bytes()[..len]);

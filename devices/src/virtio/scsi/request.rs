@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 
 use ferry_storage::io::{IoError, Request};
-use ferry_storage::{Disk, StorageError};
+use ferry_storage::Disk;
 use virtio_queue::DescriptorChain;
 use virtio_queue::{Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -327,19 +327,11 @@ pub fn reap(
         if entry.port != port_id {
             continue;
         }
-        let result = match &c.result {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_no_space() => {
-                tracing::error!(
-                    "virtio-scsi: the host disk is full: free space on it; the guest sees write errors until then"
-                );
-                Err(IoFailure::NoSpace)
-            }
-            Err(e) => {
-                tracing::warn!("virtio-scsi: {e}");
-                Err(IoFailure::Medium)
-            }
-        };
+        let result = c
+            .result
+            .as_ref()
+            .map(|_| ())
+            .map_err(IoFailure::from_engine);
         // A write with FUA is complete once the flush after it is.
         if result.is_ok() && entry.io.fua && !entry.flushing {
             entry.flushing = true;
@@ -400,19 +392,6 @@ fn finish(c: Completion, data_in: &mut Writer<'_>, in_capacity: usize) -> Respon
     }
 }
 
-fn failure(e: &StorageError) -> IoFailure {
-    tracing::warn!("virtio-scsi: {e}");
-    match e {
-        StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
-            tracing::error!(
-                "the host disk is full: free space on it; the guest sees write errors until then"
-            );
-            IoFailure::NoSpace
-        }
-        _ => IoFailure::Medium,
-    }
-}
-
 /// Moves the data of a medium transfer; the flag says the guest's buffers were too short.
 fn perform(
     disk: &Disk,
@@ -431,7 +410,7 @@ fn perform(
             while done < len {
                 let n = (len - done).min(CHUNK);
                 if let Err(e) = disk.read_at(&mut buf[..n], io.offset + done as u64) {
-                    return (Err(failure(&e)), false);
+                    return (Err(IoFailure::from_storage(&e)), false);
                 }
                 if data_in.write_all(&buf[..n]).is_err() {
                     return (Err(IoFailure::Other), false);
@@ -452,7 +431,7 @@ fn perform(
                     return (Err(IoFailure::Other), false);
                 }
                 if let Err(e) = disk.write_at(&buf[..n], io.offset + done as u64) {
-                    return (Err(failure(&e)), false);
+                    return (Err(IoFailure::from_storage(&e)), false);
                 }
                 done += n;
             }
@@ -464,17 +443,17 @@ fn perform(
             while done < len {
                 let n = (len - done).min(CHUNK);
                 if let Err(e) = disk.write_at(&buf[..n], io.offset + done as u64) {
-                    return (Err(failure(&e)), false);
+                    return (Err(IoFailure::from_storage(&e)), false);
                 }
                 done += n;
             }
             Ok(())
         }
-        MediumIoKind::Flush => disk.flush().map_err(|e| failure(&e)),
+        MediumIoKind::Flush => disk.flush().map_err(|e| IoFailure::from_storage(&e)),
         MediumIoKind::Discard(ranges) => ranges
             .iter()
             .try_for_each(|&(off, n)| disk.discard(off, n))
-            .map_err(|e| failure(&e)),
+            .map_err(|e| IoFailure::from_storage(&e)),
     };
     (r, false)
 }
