@@ -1,6 +1,10 @@
-//! ACPI tables for the PC machine, built with the acpi_tables crate: RSDP, XSDT, FADT (PM1
-//! block, reset register), FACS, DSDT (\_S5, the PCI root bridge with its interrupt routing, the
-//! ISA devices, the pvpanic device) and MADT (one local APIC per vCPU, the IOAPIC).
+//! ACPI tables for the PC machine, built with the acpi_tables crate: RSDP, RSDT and XSDT, FADT
+//! (PM1 block, reset register), FACS, DSDT (\_S5, the PCI root bridge with its interrupt routing,
+//! the ISA devices, the pvpanic device) and MADT (one local APIC per vCPU, the IOAPIC).
+//!
+//! They are built once, in the form QEMU hands firmware over fw_cfg: a blob laid out from offset
+//! 0 and a table-loader script that places it and patches its pointers. SeaBIOS and OVMF run that
+//! script; direct Linux boot runs it here, with the BIOS area as the only zone.
 
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Package,
@@ -16,12 +20,14 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{
     ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO32_END, PCI_MMIO32_START,
 };
+use crate::table_loader::{TableLoader, Zone};
 use crate::FirmwareError;
 
 const OEM_ID: [u8; 6] = *b"FERRY ";
@@ -96,12 +102,6 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
     t.to_aml_bytes(&mut v);
     v
-}
-
-fn fix_checksum(table: &mut [u8]) {
-    table[9] = 0;
-    let sum = table.iter().fold(0u8, |a, b| a.wrapping_add(*b));
-    table[9] = 0u8.wrapping_sub(sum);
 }
 
 fn dsdt(p: &AcpiPlatform) -> Vec<u8> {
@@ -229,9 +229,9 @@ fn madt(p: &AcpiPlatform) -> Vec<u8> {
         lint: 1,
     });
     let mut bytes = bytes_of(&madt);
-    // The crate leaves the flags at zero; guests want to know there are 8259s too.
+    // The crate leaves the flags at zero; guests want to know there are 8259s too. (The
+    // loader script fixes the checksum.)
     bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
-    fix_checksum(&mut bytes);
     bytes
 }
 
@@ -275,49 +275,135 @@ fn fadt(p: &AcpiPlatform, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     bytes_of(&f.finalize())
 }
 
-/// Writes the tables into the BIOS area and returns the RSDP's address.
+/// The fw_cfg file with every table, laid out from offset 0.
+pub const TABLES_FILE: &str = "etc/acpi/tables";
+/// The fw_cfg file with the RSDP, which the firmware puts where guests scan for it.
+pub const RSDP_FILE: &str = "etc/acpi/rsdp";
+
+/// The tables in their fw_cfg form: blobs whose pointer fields hold offsets into
+/// [`TABLES_FILE`], and the loader script that turns them into addresses.
+#[derive(Debug, Clone)]
+pub struct AcpiFiles {
+    pub tables: Vec<u8>,
+    pub rsdp: Vec<u8>,
+    pub loader: TableLoader,
+}
+
+/// Appends tables to the tables blob and tells the loader about their pointers and checksums.
+struct TablesBlob {
+    bytes: Vec<u8>,
+    loader: TableLoader,
+}
+
+impl TablesBlob {
+    /// Appends `table` at `align` and returns its offset. `pointers` are its (offset, size)
+    /// fields that hold offsets into this blob; every table but the FACS carries a checksum.
+    fn push(&mut self, table: &[u8], align: usize, pointers: &[(u32, u8)], checksum: bool) -> u64 {
+        let at = self.bytes.len().next_multiple_of(align);
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(table);
+        let at32 = at as u32;
+        for &(field, size) in pointers {
+            self.loader
+                .add_pointer(TABLES_FILE, TABLES_FILE, at32 + field, size);
+        }
+        // After the pointers: the checksum covers the patched fields.
+        if checksum {
+            self.loader
+                .add_checksum(TABLES_FILE, at32 + 9, at32, table.len() as u32);
+        }
+        at as u64
+    }
+}
+
+/// Builds the tables as fw_cfg blobs. Direct boot runs the same script itself
+/// ([`write_acpi_tables`]), so both boot paths get the same tables.
+pub fn acpi_files(p: &AcpiPlatform) -> AcpiFiles {
+    let mut loader = TableLoader::default();
+    // The FACS needs 64-byte alignment; it goes first, at offset 0.
+    loader.allocate(TABLES_FILE, 64, Zone::High);
+    let mut t = TablesBlob {
+        bytes: Vec::new(),
+        loader,
+    };
+    let facs = t.push(&bytes_of(&FACS::new()), 64, &[], false);
+    let dsdt = t.push(&dsdt(p), 16, &[], true);
+    // FIRMWARE_CTRL, DSDT, X_FIRMWARE_CTRL, X_DSDT.
+    let fadt = t.push(
+        &fadt(p, dsdt, facs),
+        16,
+        &[(36, 4), (40, 4), (132, 8), (140, 8)],
+        true,
+    );
+    let madt = t.push(&madt(p), 16, &[], true);
+    let entries = [fadt, madt];
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    entries.iter().for_each(|&e| xsdt.add_entry(e));
+    let xsdt_ptrs: Vec<(u32, u8)> = (0..entries.len() as u32).map(|i| (36 + 8 * i, 8)).collect();
+    let xsdt = t.push(&bytes_of(&xsdt), 16, &xsdt_ptrs, true);
+    // An RSDT as well: guests before ACPI 2.0 (Windows XP) read only the RSDT.
+    let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    entries.iter().for_each(|&e| rsdt.append(e as u32));
+    let rsdt_ptrs: Vec<(u32, u8)> = (0..entries.len() as u32).map(|i| (36 + 4 * i, 4)).collect();
+    let rsdt = t.push(rsdt.as_slice(), 16, &rsdt_ptrs, true);
+
+    let TablesBlob {
+        bytes: tables,
+        mut loader,
+    } = t;
+    let mut rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt));
+    rsdp[16..20].copy_from_slice(&(rsdt as u32).to_le_bytes());
+    loader.allocate(RSDP_FILE, 16, Zone::FSeg);
+    loader.add_pointer(RSDP_FILE, TABLES_FILE, 16, 4);
+    loader.add_pointer(RSDP_FILE, TABLES_FILE, 24, 8);
+    // The ACPI 1.0 checksum covers the first 20 bytes; the extended one, all 36, after it.
+    loader.add_checksum(RSDP_FILE, 8, 0, 20);
+    loader.add_checksum(RSDP_FILE, 32, 0, rsdp.len() as u32);
+    AcpiFiles {
+        tables,
+        rsdp,
+        loader,
+    }
+}
+
+/// Writes the tables into the BIOS area, for direct Linux boot, and returns the RSDP's address.
 pub fn write_acpi_tables(mem: &GuestMemoryMmap, p: &AcpiPlatform) -> Result<u64, FirmwareError> {
+    let AcpiFiles {
+        tables,
+        rsdp,
+        loader,
+    } = acpi_files(p);
+    let mut files = BTreeMap::from([
+        (TABLES_FILE.to_string(), tables),
+        (RSDP_FILE.to_string(), rsdp),
+    ]);
+    // Both zones are the BIOS area here, where the guest's RSDP scan looks.
     let mut cursor = ACPI_START;
-    let mut place = |bytes: &[u8], align: u64| -> Result<u64, FirmwareError> {
-        let addr = cursor.next_multiple_of(align);
-        let end = addr + bytes.len() as u64;
-        if end > BIOS_END {
+    let addrs = loader.run(&mut files, |_, len, align, _| {
+        let addr = cursor.next_multiple_of(u64::from(align));
+        cursor = addr + len as u64;
+        if cursor > BIOS_END {
             return Err(FirmwareError::Layout(
                 "ACPI tables overflow the BIOS area".into(),
             ));
         }
-        mem.write_slice(bytes, GuestAddress(addr))
+        Ok(addr)
+    })?;
+    for (name, bytes) in &files {
+        mem.write_slice(bytes, GuestAddress(addrs[name]))
             .map_err(|e| FirmwareError::GuestMemory {
                 what: "the ACPI tables",
                 detail: e.to_string(),
             })?;
-        cursor = end;
-        Ok(addr)
-    };
-
-    // The RSDP goes first, on a 16-byte boundary the guest's BIOS-area scan finds.
-    let rsdp_addr = ACPI_START;
-    place(&[0u8; 36], 16)?;
-    let facs_addr = place(&bytes_of(&FACS::new()), 64)?;
-    let dsdt_addr = place(&dsdt(p), 16)?;
-    let fadt_addr = place(&fadt(p, dsdt_addr, facs_addr), 16)?;
-    let madt_addr = place(&madt(p), 16)?;
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(fadt_addr);
-    xsdt.add_entry(madt_addr);
-    let xsdt_addr = place(&bytes_of(&xsdt), 16)?;
-    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
-    mem.write_slice(&rsdp, GuestAddress(rsdp_addr))
-        .map_err(|e| FirmwareError::GuestMemory {
-            what: "the RSDP",
-            detail: e.to_string(),
-        })?;
-    Ok(rsdp_addr)
+    }
+    Ok(addrs[RSDP_FILE])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table_loader::LoaderCommand;
 
     fn platform(cpus: u8) -> AcpiPlatform {
         AcpiPlatform {
@@ -358,11 +444,22 @@ mod tests {
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
         let xsdt = table_at(&mem, u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
         assert_eq!(&xsdt[0..4], b"XSDT");
+        let rsdt = table_at(
+            &mem,
+            u32::from_le_bytes(rsdp[16..20].try_into().unwrap()).into(),
+        );
+        assert_eq!(&rsdt[0..4], b"RSDT");
+        assert!(checksum_ok(&rsdt));
         assert!(checksum_ok(&xsdt));
         let entries: Vec<u64> = xsdt[36..]
             .chunks(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
+        let rsdt_entries: Vec<u64> = rsdt[36..]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()).into())
+            .collect();
+        assert_eq!(rsdt_entries, entries);
         let fadt = table_at(&mem, entries[0]);
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&fadt[0..4], b"FACP");
@@ -375,6 +472,13 @@ mod tests {
         );
         assert_eq!(fadt[128], 6);
         let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        assert_eq!(
+            u64::from(u32::from_le_bytes(fadt[40..44].try_into().unwrap())),
+            dsdt_addr
+        );
+        let facs_addr = u64::from_le_bytes(fadt[132..140].try_into().unwrap());
+        assert_eq!(facs_addr % 64, 0);
+        assert_eq!(&table_at(&mem, facs_addr)[0..4], b"FACS");
         let dsdt = table_at(&mem, dsdt_addr);
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
@@ -392,6 +496,97 @@ mod tests {
             off += madt[off + 1] as usize;
         }
         assert_eq!(ids, vec![0, 1, 2, 3]);
+    }
+
+    fn u64_at(b: &[u8], o: usize, n: usize) -> u64 {
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(&b[o..o + n]);
+        u64::from_le_bytes(v)
+    }
+
+    /// Plays SeaBIOS: reads the serialized script, allocates HIGH below 4 GiB and FSEG in the F
+    /// segment, then follows the pointers in the patched blobs.
+    #[test]
+    fn loader_script_places_and_links_the_tables() {
+        let files = acpi_files(&platform(2));
+        let script = TableLoader::parse(&files.loader.to_bytes()).unwrap();
+        assert_eq!(script, files.loader);
+        // Every file is allocated before it is used, the RSDP in the F segment.
+        match &script.commands()[0] {
+            LoaderCommand::Allocate { file, align, zone } => {
+                assert_eq!(
+                    (file.as_str(), *align, *zone),
+                    (TABLES_FILE, 64, Zone::High)
+                );
+            }
+            c => panic!("first command {c:?}"),
+        }
+        assert!(script.commands().contains(&LoaderCommand::Allocate {
+            file: RSDP_FILE.into(),
+            align: 16,
+            zone: Zone::FSeg,
+        }));
+
+        let mut blobs = BTreeMap::from([
+            (TABLES_FILE.to_string(), files.tables),
+            (RSDP_FILE.to_string(), files.rsdp),
+        ]);
+        let addrs = script
+            .run(&mut blobs, |_, _, align, zone| {
+                let base = match zone {
+                    Zone::High => 0x7ffe_0000u64,
+                    Zone::FSeg => 0xf_5a40,
+                };
+                assert_eq!(base % u64::from(align), 0);
+                Ok(base)
+            })
+            .unwrap();
+        // A flat guest memory with both blobs where the firmware put them.
+        let tables = &blobs[TABLES_FILE];
+        let base = addrs[TABLES_FILE];
+        let at = |addr: u64| -> &[u8] {
+            let off = (addr - base) as usize;
+            let len = u32::from_le_bytes(tables[off + 4..off + 8].try_into().unwrap()) as usize;
+            &tables[off..off + len]
+        };
+
+        let rsdp = &blobs[RSDP_FILE];
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(rsdp[15], 2);
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(rsdp));
+        let rsdt = at(u64_at(rsdp, 16, 4));
+        let xsdt = at(u64_at(rsdp, 24, 8));
+        assert_eq!((&rsdt[0..4], &xsdt[0..4]), (&b"RSDT"[..], &b"XSDT"[..]));
+        let via_xsdt: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o, 8))
+            .collect();
+        let via_rsdt: Vec<u64> = (36..rsdt.len())
+            .step_by(4)
+            .map(|o| u64_at(rsdt, o, 4))
+            .collect();
+        assert_eq!(via_xsdt, via_rsdt);
+        let sigs: Vec<&[u8]> = via_xsdt.iter().map(|&a| &at(a)[0..4]).collect();
+        assert_eq!(sigs, vec![&b"FACP"[..], &b"APIC"[..]]);
+        let fadt = at(via_xsdt[0]);
+        for (dsdt_field, facs_field, n) in [(40, 36, 4), (140, 132, 8)] {
+            assert_eq!(&at(u64_at(fadt, dsdt_field, n))[0..4], b"DSDT");
+            let facs = u64_at(fadt, facs_field, n);
+            assert_eq!(facs % 64, 0);
+            assert_eq!(&at(facs)[0..4], b"FACS");
+        }
+        // Every table but the FACS (which has no checksum) sums to zero.
+        let mut off = 0;
+        let mut seen = 0;
+        while off + 8 <= tables.len() {
+            let t = at(base + off as u64);
+            if &t[0..4] != b"FACS" {
+                assert!(checksum_ok(t), "{}", String::from_utf8_lossy(&t[0..4]));
+            }
+            seen += 1;
+            off = (off + t.len()).next_multiple_of(16);
+        }
+        assert_eq!(seen, 6);
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub const PCI_HOLE_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// Four pages KVM keeps for Intel real mode (identity-map page, then the three TSS pages), just
+/// below SeaBIOS's 256 KiB at the top of 4 GiB: the vmm puts them here, the e820 reserves them.
+pub const HYPERVISOR_PAGES_START: u64 = 0xfffb_c000;
+pub const HYPERVISOR_PAGES_LEN: u64 = 0x4000;
 /// 32-bit MMIO window offered to PCI devices (below the IOAPIC).
 pub const PCI_MMIO32_START: u64 = PCI_HOLE_START;
 pub const PCI_MMIO32_END: u64 = 0xfebf_ffff;

@@ -1,11 +1,21 @@
-//! What the guest finds at power-on: the memory map (e820), ACPI tables and direct Linux boot.
-//! Firmware images (SeaBIOS, OVMF), fw_cfg and SMBIOS come with their own issue.
+//! What the guest finds at power-on: the memory map (e820), ACPI tables, SMBIOS, the firmware
+//! images (SeaBIOS, OVMF) and what they read over fw_cfg, and direct Linux boot.
+//!
+//! This crate makes content only: the fw_cfg device that serves it lives in `devices`, and
+//! the vmm maps the images and feeds the device.
 #![forbid(unsafe_code)]
 
 pub mod acpi;
+pub mod boot_path;
+pub mod fw_cfg;
+pub mod image;
 pub mod layout;
 pub mod linux;
+pub mod smbios;
+pub mod table_loader;
 
+pub use fw_cfg::{bios_config, BiosSpec, FwCfgKey};
+pub use image::{FirmwareChoice, FirmwareFiles, FirmwareImage, FirmwareKind};
 pub use layout::MemoryMap;
 pub use linux::{load_linux, BootCpuState, LinuxBootSpec};
 
@@ -42,4 +52,24 @@ pub enum FirmwareError {
     GuestMemory { what: &'static str, detail: String },
     #[error("{0}")]
     Layout(String),
+    #[error("the firmware table-loader script is invalid: {0}")]
+    TableLoader(String),
+    #[error("no {what} firmware found (looked for {looked}); install it with `apt-get install {package}` or pass --firmware PATH")]
+    FirmwareMissing {
+        what: &'static str,
+        looked: String,
+        package: &'static str,
+    },
+    #[error("cannot read the firmware image {path}: {source}")]
+    OpenFirmware {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the firmware image {path} is {size} bytes; an image must be a multiple of 64 KiB between 64 KiB and 16 MiB")]
+    FirmwareSize { path: PathBuf, size: u64 },
+    #[error(
+        "the firmware image {path} is corrupt or not a BIOS image (no jump at its reset vector)"
+    )]
+    NotBios { path: PathBuf },
 }
