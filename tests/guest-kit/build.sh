@@ -9,6 +9,12 @@
 #                              (the kernel unpacks concatenated archives)
 #   OUTDIR/kit.key             package versions + hash of the build inputs
 #   OUTDIR/kit.info            kernel version, modules loaded, modules built in
+#   OUTDIR/boot.raw            a BIOS-bootable disk (MBR, EXTLINUX, this kernel
+#                              and the base initramfs), made by bootdisk.sh at
+#                              the end, with its own key (boot.key, boot.stamp).
+#                              It needs root (loop mount): without root it is
+#                              skipped with a note. FERRY_BOOTDISK=0 skips it,
+#                              FERRY_BOOTDISK=1 insists (fails without root).
 # Usage: tests/guest-kit/build.sh [OUTDIR]   (default: target/guest-kit under
 # the repository root; a relative OUTDIR is taken relative to the current
 # directory). Needs: apt-get, dpkg-deb, python3, readelf. Downloads are cached
@@ -30,6 +36,20 @@ MODULES="ata_piix ahci mptspi mptsas BusLogic nvme virtio_scsi virtio_pci
  xhci_pci usb-storage uas sr_mod sd_mod ext4 pvpanic pvpanic-mmio
  virtio_blk isofs vfat nls_cp437 nls_ascii"
 
+# Every way out of this script once the kit is there: the boot disk follows.
+kit_done() {
+    case ${FERRY_BOOTDISK:-auto} in
+        0) ;;
+        1) "$HERE/bootdisk.sh" "$OUT" ;;
+        *) if [ "$(id -u)" = 0 ]; then
+               "$HERE/bootdisk.sh" "$OUT"
+           else
+               echo "note: boot disk $OUT/boot.raw not built: it needs root (loop mount for extlinux)"
+           fi ;;
+    esac
+    exit 0
+}
+
 for t in apt-get apt-cache dpkg-deb python3 readelf; do
     command -v "$t" >/dev/null 2>&1 || die "$t is needed to build the guest kit"
 done
@@ -48,7 +68,7 @@ STAMP=$( { cat "$HERE/build.sh" "$HERE/init" "$HERE/debs.sh" "$HERE/initramfs.py
 if [ -f "$OUT/kit.stamp" ] && [ "$(cat "$OUT/kit.stamp")" = "$STAMP" ] && [ -f "$OUT/kit.key" ] \
    && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
     echo "guest kit up to date: $OUT"
-    exit 0
+    kit_done
 fi
 deb_check_lists
 
@@ -69,7 +89,7 @@ if [ -f "$OUT/kit.key" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.g
    && [ "$(cat "$OUT/kit.key")" = "$KEY" ]; then
     printf '%s\n' "$STAMP" >"$OUT/kit.stamp"
     echo "guest kit up to date: $OUT"
-    exit 0
+    kit_done
 fi
 
 echo "building guest kit in $OUT"
@@ -146,3 +166,4 @@ printf '%s\n' "$KEY" >"$OUT/kit.key"
 printf '%s\n' "$STAMP" >"$OUT/kit.stamp"
 rm -rf "$WORK"
 echo "guest kit ready in $OUT: vmlinuz, initramfs.cpio.gz ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1)), initramfs-base.cpio.gz ($(du -h "$OUT/initramfs-base.cpio.gz" | cut -f1)), fio.cpio.gz"
+kit_done
