@@ -11,6 +11,8 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v unshare >/dev/null || need+=(util-linux)
 # qemu-img and qemu-io: the referee of the image tests, and the other party of the lock tests.
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+# SeaBIOS: the firmware `ferry run` boots disks with (ferry finds it where Debian puts it).
+[ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 
 lists_missing() { ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
 

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use ferry_vmm::{LinuxBootSpec, Outcome, SerialMode, VmConfig};
+use ferry_vmm::{
+    BootDevice as VmBootDevice, BootSpec, FirmwareBoot, FirmwareChoice, LinuxBootSpec, Outcome,
+    SerialMode, VmConfig,
+};
 
 use std::sync::Arc;
 
@@ -22,14 +25,21 @@ use crate::vmdef::{Attach, BwGroup, ControllerType, DefError, StorageCtl, VmDef}
 const EXIT_ERROR: u8 = 1;
 const EXIT_GUEST_PANIC: u8 = 3;
 const EXIT_GUEST_FAILED: u8 = 4;
+const EXIT_NO_BOOT: u8 = 5;
 
 /// Boot a virtual machine and show its serial console.
 ///
 /// The guest runs until it powers off (exit code 0), resets (exit code 0, or a fresh boot with
 /// --reboot), panics (exit code 3, seen through the pvpanic device) or the hypervisor gives up on
-/// it (exit code 4). Ctrl-C or SIGTERM stops it (exit code 128 + the signal number).
+/// it (exit code 4). Firmware that finds no bootable device, or starts no boot loader within
+/// --boot-timeout, ends it with exit code 5. Ctrl-C or SIGTERM stops it (exit code 128 + the
+/// signal number).
+///
+/// Without --kernel the guest boots from its disks through firmware (SeaBIOS by default;
+/// its screen goes to the serial console).
 ///
 /// Examples:
+///   ferry run --storagectl name=sata,type=ahci --attach ctl=sata,port=0,medium=disk.vdi
 ///   ferry run --kernel vmlinuz --initrd initrd.img --cmdline "console=ttyS0" --memory 1G --cpus 2
 ///   ferry run VM.toml --memory 2G          (VM.toml settings, with more memory)
 #[derive(Args, Debug)]
@@ -70,6 +80,13 @@ pub struct RunArgs {
     /// Boot order, e.g. disk,dvd,net.
     #[arg(long, value_name = "DEVICES", value_delimiter = ',')]
     boot: Option<Vec<BootDevice>>,
+    /// Seconds the firmware may take to start a boot loader; past that the run ends (exit
+    /// code 5).
+    #[arg(long, value_name = "SECONDS")]
+    boot_timeout: Option<u32>,
+    /// Write the firmware's debug log (SeaBIOS's port 0x402) to this file.
+    #[arg(long, value_name = "FILE")]
+    firmware_log: Option<PathBuf>,
     /// A storage controller: name=C,type=TYPE[,hostiocache=on|off][,ports=N]. TYPE: ide-piix3,
     /// ide-piix4, ide-ich6, ahci, lsilogic, lsilogic-sas, buslogic, nvme, virtio-scsi, usb-xhci.
     #[arg(long, value_name = "SPEC", value_parser = |s: &str| parse_flag::<StorageCtl>(s).map(|v| (v, s.to_string())))]
@@ -119,6 +136,12 @@ fn definition(args: RunArgs) -> Result<VmDef, DefError> {
     }
     if args.boot.is_some() {
         def.boot = args.boot;
+    }
+    if args.boot_timeout.is_some() {
+        def.boot_timeout = args.boot_timeout;
+    }
+    if args.firmware_log.is_some() {
+        def.firmware_log = args.firmware_log;
     }
     for (c, text) in args.storagectl {
         def.add_storagectl(c, &text);
@@ -297,15 +320,57 @@ pub fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_ERROR);
     }
-    let Some(kernel) = def.kernel else {
-        eprintln!(
-            "ferry: error: nothing to boot: pass --kernel FILE (booting from a disk through firmware is not available yet)"
-        );
-        return ExitCode::from(EXIT_ERROR);
+    let boot = match def.kernel {
+        Some(kernel) => {
+            if def.firmware.is_some() {
+                tracing::warn!("--firmware is not used when a kernel is booted directly");
+            }
+            for (given, what) in [
+                (def.boot.is_some(), "--boot"),
+                (def.boot_timeout.is_some(), "--boot-timeout"),
+                (def.firmware_log.is_some(), "--firmware-log"),
+            ] {
+                if given {
+                    tracing::warn!(
+                        "{what} is for firmware boots; a kernel booted directly ignores it"
+                    );
+                }
+            }
+            BootSpec::Linux(LinuxBootSpec {
+                kernel,
+                initrd: def.initrd,
+                cmdline: def.cmdline.unwrap_or_else(|| "console=ttyS0".into()),
+            })
+        }
+        None if def.attach.is_empty() => {
+            eprintln!(
+                "ferry: error: nothing to boot: attach a disk or DVD (--storagectl and --attach) for the firmware to boot, or pass --kernel FILE"
+            );
+            return ExitCode::from(EXIT_ERROR);
+        }
+        None => BootSpec::Firmware(FirmwareBoot {
+            firmware: match def.firmware {
+                None | Some(Firmware::Bios) => FirmwareChoice::Bios,
+                Some(Firmware::Efi) => FirmwareChoice::Efi,
+                Some(Firmware::File(p)) => FirmwareChoice::Path(p),
+            },
+            order: def
+                .boot
+                .unwrap_or_default()
+                .into_iter()
+                .map(|b| match b {
+                    BootDevice::Disk => VmBootDevice::Disk,
+                    BootDevice::Dvd => VmBootDevice::Dvd,
+                    BootDevice::Net => VmBootDevice::Net,
+                })
+                .collect(),
+            timeout: def
+                .boot_timeout
+                .map(|s| std::time::Duration::from_secs(s.into())),
+            log: def.firmware_log,
+            uuid: def.uuid.unwrap_or_else(uuid::Uuid::new_v4).into_bytes(),
+        }),
     };
-    if matches!(def.firmware, Some(Firmware::Efi | Firmware::File(_))) {
-        tracing::warn!("--firmware is not used when a kernel is booted directly");
-    }
     let serial = match def.serial.map(|s| s.0.parse::<SerialMode>()).transpose() {
         Ok(s) => s.unwrap_or(SerialMode::Stdio),
         Err(e) => {
@@ -316,11 +381,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let cfg = VmConfig {
         memory: def.memory.map_or(512 << 20, |m| m.0),
         cpus: def.cpus.unwrap_or(1),
-        boot: LinuxBootSpec {
-            kernel,
-            initrd: def.initrd,
-            cmdline: def.cmdline.unwrap_or_else(|| "console=ttyS0".into()),
-        },
+        boot,
         serial,
         reboot: def.reboot.unwrap_or(false),
         storage,
@@ -344,6 +405,19 @@ pub fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_GUEST_FAILED)
         }
         Ok(Outcome::Signal(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+        Ok(Outcome::NoBootableDevice) => {
+            eprintln!(
+                "ferry: the firmware found no bootable device: attach a disk or DVD with a boot loader, and check --boot"
+            );
+            ExitCode::from(EXIT_NO_BOOT)
+        }
+        Ok(Outcome::BootTimeout(t)) => {
+            eprintln!(
+                "ferry: the firmware started no boot loader within {} s (--boot-timeout); see --firmware-log",
+                t.as_secs()
+            );
+            ExitCode::from(EXIT_NO_BOOT)
+        }
         Err(e) => {
             crate::report(&e);
             ExitCode::from(EXIT_ERROR)

@@ -54,7 +54,61 @@ fn missing_kernel() {
 
 #[test]
 fn no_kernel_at_all() {
-    assert_clean_error(&run(&[]), "--kernel");
+    assert_clean_error(&run(&[]), "nothing to boot");
+}
+
+/// A raw disk to attach, so that a run gets as far as the firmware.
+fn disk_args(dir: &Path) -> Vec<String> {
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    vec![
+        "--storagectl".into(),
+        "name=s,type=ahci".into(),
+        "--attach".into(),
+        format!("ctl=s,port=0,medium={}", disk.display()),
+    ]
+}
+
+fn run_owned(args: &[String]) -> Output {
+    ferry().arg("run").args(args).output().unwrap()
+}
+
+#[test]
+fn firmware_file_missing() {
+    let d = scratch("fwmissing");
+    let mut a = disk_args(&d);
+    a.extend(["--firmware".into(), "/nonexistent/bios.bin".into()]);
+    assert_clean_error(&run_owned(&a), "/nonexistent/bios.bin");
+}
+
+#[test]
+fn firmware_file_of_the_wrong_size() {
+    let d = scratch("fwsize");
+    let f = d.join("bios.bin");
+    std::fs::write(&f, vec![0u8; 1000]).unwrap();
+    let mut a = disk_args(&d);
+    a.extend(["--firmware".into(), f.display().to_string()]);
+    assert_clean_error(&run_owned(&a), "bios.bin");
+}
+
+#[test]
+fn firmware_file_without_a_reset_vector() {
+    let d = scratch("fwcorrupt");
+    let f = d.join("bios.bin");
+    std::fs::write(&f, vec![0u8; 256 << 10]).unwrap();
+    let mut a = disk_args(&d);
+    a.extend(["--firmware".into(), f.display().to_string()]);
+    assert_clean_error(&run_owned(&a), "not a BIOS image");
+}
+
+#[test]
+fn empty_boot_order() {
+    let d = scratch("emptyboot");
+    let toml = d.join("VM.toml");
+    std::fs::write(&toml, "boot = []\n").unwrap();
+    let mut a = vec![toml.display().to_string()];
+    a.extend(disk_args(&d));
+    assert_clean_error(&run_owned(&a), "the boot order is empty");
 }
 
 #[test]

@@ -208,9 +208,16 @@ fn image_in_use_is_refused() {
             Err(e) => panic!("{e}"),
         }
     };
-    std::fs::write(&vm, format!("{STORAGE}mtype = \"readonly\"\n")).unwrap();
-    // The media opened: what stops the run now is the missing kernel.
-    assert_clean_error(&run_in(&d, &[vm.to_str().unwrap()]), "nothing to boot");
+    std::fs::write(
+        &vm,
+        format!("firmware = \"missing-bios.bin\"\n{STORAGE}mtype = \"readonly\"\n"),
+    )
+    .unwrap();
+    // The media opened: what stops the run now is the missing firmware image.
+    assert_clean_error(
+        &run_in(&d, &[vm.to_str().unwrap()]),
+        "cannot read the firmware image",
+    );
 }
 
 #[test]
@@ -223,14 +230,18 @@ fn immutable_child_goes_to_the_vm_folder() {
     std::fs::create_dir_all(&vmdir).unwrap();
     std::fs::write(
         vmdir.join("VM.toml"),
-        STORAGE.replace(
-            "\"disk.vdi\"",
-            "\"../images/base.vdi\"\nmtype = \"immutable\"",
+        format!(
+            "firmware = \"missing-bios.bin\"\n{}",
+            STORAGE.replace(
+                "\"disk.vdi\"",
+                "\"../images/base.vdi\"\nmtype = \"immutable\"",
+            )
         ),
     )
     .unwrap();
     let out = run_in(&d, &[vmdir.join("VM.toml").to_str().unwrap()]);
-    assert_clean_error(&out, "nothing to boot");
+    // The media opened (the child is made), then the missing firmware image stops the run.
+    assert_clean_error(&out, "cannot read the firmware image");
     let snaps: Vec<_> = std::fs::read_dir(vmdir.join("Snapshots"))
         .unwrap()
         .flatten()

@@ -8,6 +8,7 @@ pub mod ahci;
 pub mod ata;
 pub mod bus;
 pub mod cmos;
+pub mod debug_port;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod interrupt;

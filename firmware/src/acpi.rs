@@ -24,9 +24,7 @@ use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{
-    ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO32_END, PCI_MMIO32_START,
-};
+use crate::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO32_END};
 use crate::table_loader::{TableLoader, Zone};
 use crate::FirmwareError;
 
@@ -49,6 +47,8 @@ pub struct AcpiPlatform {
     pub reset_value: u8,
     pub century_cmos_index: u8,
     pub pvpanic_port: u16,
+    /// Start of the 32-bit PCI MMIO window ([`crate::MemoryMap::pci_mmio32_start`]).
+    pub pci_mmio32_start: u64,
 }
 
 /// First GSI used for PCI INTx; ISA owns 0..16 and KVM's IOAPIC has 24 pins.
@@ -139,7 +139,7 @@ fn dsdt(p: &AcpiPlatform) -> Vec<u8> {
     let mmio32 = AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        PCI_MMIO32_START as u32,
+        p.pci_mmio32_start as u32,
         PCI_MMIO32_END as u32,
         None,
     );
@@ -418,6 +418,7 @@ mod tests {
             reset_value: 6,
             century_cmos_index: 0x32,
             pvpanic_port: 0x505,
+            pci_mmio32_start: 0x8000_0000,
         }
     }
 

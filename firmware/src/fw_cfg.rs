@@ -136,6 +136,7 @@ mod tests {
             reset_value: 6,
             century_cmos_index: 0x32,
             pvpanic_port: 0x505,
+            pci_mmio32_start: 0x8000_0000,
         }
     }
 
@@ -218,7 +219,7 @@ mod tests {
             vec![
                 (0, PCI_HOLE_START, 1),
                 (FOUR_GIB, (5 << 30) - PCI_HOLE_START, 1),
-                (0xfffb_c000, 0x4000, 2),
+                (0xfeff_c000, 0x4000, 2),
             ]
         );
     }

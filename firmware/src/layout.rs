@@ -32,14 +32,16 @@ pub const KERNEL_START: u64 = 0x10_0000;
 /// Start of the 32-bit PCI hole: RAM above this moves to 4 GiB.
 pub const PCI_HOLE_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 1 << 32;
+const TWO_GIB: u64 = 1 << 31;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
-/// Four pages KVM keeps for Intel real mode (identity-map page, then the three TSS pages), just
-/// below SeaBIOS's 256 KiB at the top of 4 GiB: the vmm puts them here, the e820 reserves them.
-pub const HYPERVISOR_PAGES_START: u64 = 0xfffb_c000;
+/// Four pages KVM keeps for Intel real mode (identity-map page, then the three TSS pages), where
+/// QEMU puts them: above the LAPIC and below the 16 MiB a firmware image may fill under 4 GiB.
+/// The vmm puts them here, the e820 reserves them.
+pub const HYPERVISOR_PAGES_START: u64 = 0xfeff_c000;
 pub const HYPERVISOR_PAGES_LEN: u64 = 0x4000;
-/// 32-bit MMIO window offered to PCI devices (below the IOAPIC).
-pub const PCI_MMIO32_START: u64 = PCI_HOLE_START;
+/// End of the 32-bit MMIO window offered to PCI devices (below the IOAPIC); its start is
+/// [`MemoryMap::pci_mmio32_start`].
 pub const PCI_MMIO32_END: u64 = 0xfebf_ffff;
 
 /// The smallest guest ferry boots: room for the boot structures and a kernel.
@@ -89,6 +91,16 @@ impl MemoryMap {
             low_end,
             high_size: total - low_end,
         })
+    }
+
+    /// Where the 32-bit PCI MMIO window starts: where SeaBIOS puts BARs on an i440FX (2 GiB
+    /// when low RAM ends at or below it, else 3 GiB), so firmware, ACPI and the buses agree.
+    pub fn pci_mmio32_start(&self) -> u64 {
+        if self.low_end <= TWO_GIB {
+            TWO_GIB
+        } else {
+            PCI_HOLE_START
+        }
     }
 
     /// The RAM ranges to back with host memory.
@@ -163,6 +175,23 @@ mod tests {
         for e in m.e820() {
             assert!(e.addr + e.size <= PCI_HOLE_START || e.addr >= FOUR_GIB);
         }
+    }
+
+    #[test]
+    fn pci_window_starts_where_seabios_puts_bars() {
+        assert_eq!(
+            MemoryMap::new(512 << 20).unwrap().pci_mmio32_start(),
+            1 << 31
+        );
+        assert_eq!(MemoryMap::new(2 << 30).unwrap().pci_mmio32_start(), 1 << 31);
+        assert_eq!(
+            MemoryMap::new(5 << 29).unwrap().pci_mmio32_start(),
+            PCI_HOLE_START
+        );
+        assert_eq!(
+            MemoryMap::new(5 << 30).unwrap().pci_mmio32_start(),
+            PCI_HOLE_START
+        );
     }
 
     #[test]

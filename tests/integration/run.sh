@@ -18,6 +18,9 @@ cp target/guest-kit/vmlinuz "$payload/"
 # Scenarios that need no fio boot the small kit; one checks the full kit.
 cp target/guest-kit/initramfs-base.cpio.gz "$payload/initramfs.cpio.gz"
 cp target/guest-kit/initramfs.cpio.gz "$payload/initramfs-full.cpio.gz"
+# Firmware boots: the kit's extlinux disk, and Debian's SeaBIOS (tests/deps.sh installs it).
+cp target/guest-kit/boot.raw "$payload/"
+cp /usr/share/seabios/bios-256k.bin "$payload/"
 # Empty dynamic images of each format, made by another tool (qemu-img), for the guest to fill.
 for f in vdi:vdi vmdk:vmdk vhd:vpc hds:parallels; do
     qemu-img create -q -f "${f#*:}" "$payload/empty.${f%%:*}" 128M

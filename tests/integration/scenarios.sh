@@ -29,11 +29,21 @@ b64() { printf '%s' "$1" | base64 | tr -d '\n'; }
 # the whole run). Normal boots here take 10-40 s.
 LIMIT=${LIMIT:-300}
 
+# Firmware boots find SeaBIOS here when the payload carries it (run.sh copies Debian's).
+[ -f "$here/bios-256k.bin" ] && export FERRY_FIRMWARE_DIR="$here"
+
 # launch NAME CMDLINE [ferry run args...]: starts ferry in the background; sets $pid.
+# With FIRMWARE set, the guest boots from its disks through SeaBIOS instead of a kernel
+# (CMDLINE is unused: the boot disk carries its own), with the firmware's log kept.
 launch() {
     name=$1 cmdline=$2; shift 2
-    "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" "$@" \
-        >"$OUT/$name.log" 2>&1 &
+    if [ -n "${FIRMWARE:-}" ]; then
+        "$FERRY" -v run --firmware bios --firmware-log "$OUT/$name.firmware.log" "$@" \
+            >"$OUT/$name.log" 2>&1 &
+    else
+        "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" "$@" \
+            >"$OUT/$name.log" 2>&1 &
+    fi
     pid=$!
 }
 
@@ -527,7 +537,82 @@ fio --name=v --filename=/dev/$d --size=32M --rw=randwrite --bs=4k --iodepth=32 -
     pass $n
 }
 
-all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup ahci ahci_formats ahci_trim ahci_hotplug"
+# Firmware boot: SeaBIOS boots the guest kit's extlinux disk (tests/guest-kit/bootdisk.sh),
+# whose script prints BOOTDISK-OK and BOOTDISK-FROM <the disk it booted from>.
+# bios_boot_problem NAME: says what is wrong with a firmware boot, if anything: SeaBIOS's
+# banner and the boot loader on the console, the guest up from the disk, its script done,
+# and a clean poweroff. Returns 1 when something is.
+bios_boot_problem() {
+    log=$OUT/$1.log
+    if [ "$rc" != 0 ]; then why_rc "expected 0 after the guest's poweroff"
+    elif ! grep -q 'SeaBIOS (version' "$log"; then echo "no SeaBIOS banner on the console"
+    elif ! grep -q 'SYSLINUX\|EXTLINUX' "$log"; then echo "no boot loader banner on the console"
+    elif ! grep -q '^Booting from Hard Disk' "$OUT/$1.firmware.log"; then echo "the firmware log has no 'Booting from Hard Disk'"
+    elif ! grep -q '^GUEST-READY' "$log"; then echo "the kernel from the disk never got to GUEST-READY"
+    elif ! grep -q '^BOOTDISK-OK' "$log"; then echo "the boot disk's script did not run"
+    elif ! grep -q '^GUEST-SCRIPT-END rc=0' "$log"; then echo "the guest did not find the disk it booted from"
+    else return 0
+    fi
+    return 1
+}
+
+# From a virtio-scsi disk.
+sc_bios_virtio_scsi() {
+    n=bios_virtio_scsi
+    cp "$here/boot.raw" "$OUT/bv.raw" || { fail $n "no boot.raw in the payload"; return; }
+    FIRMWARE=1 boot $n "" --memory 256M --boot disk --boot-timeout 120 \
+        --storagectl name=s,type=virtio-scsi --attach "ctl=s,port=0,medium=$OUT/bv.raw"
+    why=$(bios_boot_problem $n) || { fail $n "$why"; return; }
+    grep -q '^BOOTDISK-FROM sda' "$OUT/$n.log" && grep -q '^BOOTDISK-BLOCK sda .*pci=virtio-pci' "$OUT/$n.log" ||
+        { fail $n "the guest's boot disk is not on virtio-scsi"; return; }
+    pass $n
+}
+
+# From AHCI, with a DVD on the port before the disk: the boot order (disk first) decides.
+sc_bios_ahci() {
+    n=bios_ahci
+    cp "$here/boot.raw" "$OUT/ba.raw" || { fail $n "no boot.raw in the payload"; return; }
+    FIRMWARE=1 boot $n "" --memory 256M --boot disk,dvd --boot-timeout 120 \
+        --storagectl name=sata,type=ahci,ports=4 \
+        --attach "ctl=sata,port=0,medium=$here/test.iso,type=dvd" \
+        --attach "ctl=sata,port=1,medium=$OUT/ba.raw"
+    why=$(bios_boot_problem $n) || { fail $n "$why"; return; }
+    grep -q '^BOOTDISK-FROM sda' "$OUT/$n.log" && grep -q '^BOOTDISK-BLOCK sda .*pci=ahci' "$OUT/$n.log" || { fail $n "the guest's boot disk is not on AHCI"; return; }
+    pass $n
+}
+
+# The same disk converted by `ferry medium clone` to VDI, VMDK, VHD and a Parallels bundle
+# boots too (on AHCI).
+sc_bios_formats() {
+    n=bios_formats
+    rm -rf "$OUT"/bf-*
+    for f in vdi:vdi vmdk:vmdk vhd:vhd parallels:hdd; do
+        dst=$OUT/bf-disk.${f#*:}
+        "$FERRY" medium clone --format "${f%%:*}" "$here/boot.raw" "$dst" >"$OUT/bf-clone.log" 2>&1 ||
+            { fail $n "ferry medium clone --format ${f%%:*} failed: $(tail -n 1 "$OUT/bf-clone.log")"; return; }
+        FIRMWARE=1 boot "bf-${f%%:*}" "" --memory 256M --boot disk --boot-timeout 120 \
+            --storagectl name=sata,type=ahci,ports=1 --attach "ctl=sata,port=0,medium=$dst"
+        why=$(bios_boot_problem "bf-${f%%:*}") ||
+            { fail $n "the ${f%%:*} clone: $why (log: bf-${f%%:*}.log)"; tail -n 25 "$OUT/bf-${f%%:*}.log"; return; }
+        echo "FERRY-TEST-INFO $n: the ${f%%:*} clone boots"
+    done
+    pass $n
+}
+
+# An empty disk: SeaBIOS's own "No bootable device" on the console, and ferry ends the run
+# with exit code 5 instead of letting the firmware retry for ever.
+sc_bios_no_boot() {
+    n=bios_no_boot
+    rm -f "$OUT/bn.raw"; truncate -s 64M "$OUT/bn.raw"
+    FIRMWARE=1 boot $n "" --memory 256M --boot disk --boot-timeout 120 \
+        --storagectl name=sata,type=ahci,ports=1 --attach "ctl=sata,port=0,medium=$OUT/bn.raw"
+    [ "$rc" = 5 ] || { fail $n "$(why_rc "expected 5 when nothing boots")"; return; }
+    grep -q 'No bootable device' "$OUT/$n.log" || { fail $n "the firmware's message is not on the console"; return; }
+    grep -q 'found no bootable device' "$OUT/$n.log" || { fail $n "ferry did not say why it stopped"; return; }
+    pass $n
+}
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup ahci ahci_formats ahci_trim ahci_hotplug bios_virtio_scsi bios_ahci bios_formats bios_no_boot"
 if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"

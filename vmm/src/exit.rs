@@ -15,6 +15,10 @@ pub enum Outcome {
     VcpuFailed(String),
     /// ferry received this signal and stopped the guest.
     Signal(i32),
+    /// The firmware tried every boot device and found nothing to boot.
+    NoBootableDevice,
+    /// The firmware did not start a boot loader within this time (--boot-timeout).
+    BootTimeout(std::time::Duration),
 }
 
 pub struct ExitState {

@@ -3,6 +3,7 @@
 pub mod console;
 pub mod cpuid;
 pub mod exit;
+pub mod firmware;
 pub mod host;
 pub mod hypervisor;
 pub mod machine;
@@ -12,8 +13,9 @@ mod vcpu;
 
 pub use console::SerialMode;
 pub use exit::Outcome;
+pub use ferry_firmware::image::FirmwareChoice;
 pub use ferry_firmware::LinuxBootSpec;
-pub use machine::{run, VmConfig};
+pub use machine::{run, BootDevice, BootSpec, FirmwareBoot, VmConfig};
 pub use storage::{ControllerConfig, ControllerKind, UnitConfig};
 
 use hypervisor::HypervisorError;

@@ -2,39 +2,79 @@
 //! threads and the event loop, for one boot; `run` repeats boots when `--reboot` asks.
 
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use ferry_devices::acpi_pm::{self, AcpiPm};
 use ferry_devices::cmos::{self, Cmos};
+use ferry_devices::debug_port::DEBUG_PORT;
+use ferry_devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORT_LEN};
 use ferry_devices::i8042::{self, I8042};
-use ferry_devices::pci::{self, DevFn, HostBridge, PciBarWindow, PciConfigIo, PciRoot};
+use ferry_devices::pci::{self, DevFn, HostBridge, IsaBridge, PciBarWindow, PciConfigIo, PciRoot};
 use ferry_devices::pvpanic::{self, PvPanic};
 use ferry_devices::serial::{self, Serial};
 use ferry_devices::{Bus, BusDevice, ExitHandle};
 use ferry_firmware::acpi::{write_acpi_tables, AcpiPlatform};
-use ferry_firmware::layout::{PCI_MMIO32_END, PCI_MMIO32_START};
+use ferry_firmware::fw_cfg::{bios_config, BiosSpec, FwCfgKey};
+use ferry_firmware::image::{FirmwareChoice, FirmwareImage, FirmwareKind};
+use ferry_firmware::layout::PCI_MMIO32_END;
 use ferry_firmware::{load_linux, LinuxBootSpec, MemoryMap};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, SharedSink};
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
+use crate::firmware::{self, BootTimer, BootWatch};
 use crate::hypervisor::{self, Hypervisor};
-use crate::storage::{attach_controllers, ControllerConfig, HotplugToggle, StorageHandler};
+use crate::storage::{
+    attach_controllers, boot_paths, ControllerConfig, HotplugToggle, StorageHandler,
+};
 use crate::{host, msr, vcpu, VmmError};
 
 /// I/O ports for PCI BARs: above the legacy devices, as the DSDT's _CRS offers them.
 const PCI_IO_START: u64 = 0xc000;
 const PCI_IO_END: u64 = 0x1_0000;
 
+/// What the vCPUs start in.
+#[derive(Debug, Clone)]
+pub enum BootSpec {
+    /// A Linux kernel loaded by ferry and entered in 64-bit mode.
+    Linux(LinuxBootSpec),
+    /// Firmware from the reset vector; it boots from the attached disks.
+    Firmware(FirmwareBoot),
+}
+
+/// A boot through firmware.
+#[derive(Debug, Clone)]
+pub struct FirmwareBoot {
+    pub firmware: FirmwareChoice,
+    /// Kinds of boot device in the order the firmware tries them; empty: its own order.
+    pub order: Vec<BootDevice>,
+    /// How long the firmware may take to start a boot loader.
+    pub timeout: Option<Duration>,
+    /// Where the firmware's debug-port log goes.
+    pub log: Option<PathBuf>,
+    /// The machine's UUID (SMBIOS), in RFC 4122 byte order.
+    pub uuid: [u8; 16],
+}
+
+/// A kind of boot device (VirtualBox's words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootDevice {
+    Disk,
+    Dvd,
+    Net,
+}
+
 /// Everything one `ferry run` needs.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub memory: u64,
     pub cpus: u32,
-    pub boot: LinuxBootSpec,
+    pub boot: BootSpec,
     pub serial: SerialMode,
     /// Restart the guest when it resets instead of exiting.
     pub reboot: bool,
@@ -46,7 +86,7 @@ pub struct VmConfig {
 
 /// Boots the guest (again after each reset when `reboot` is set) and says how it ended.
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
-    validate(cfg)?;
+    let firmware = validate(cfg)?;
     let hv = hypervisor::open()?;
     if let Some(why) = host::kvm_without_hardware_virtualization() {
         tracing::warn!(
@@ -71,7 +111,14 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
             what: "console input".into(),
             source: e,
         })?;
-        let outcome = boot_once(hv.as_ref(), cfg, sink.clone(), input, &signals)?;
+        let outcome = boot_once(
+            hv.as_ref(),
+            cfg,
+            firmware.as_ref(),
+            sink.clone(),
+            input,
+            &signals,
+        )?;
         match outcome {
             Outcome::Reset if cfg.reboot => {
                 tracing::info!("the guest reset; booting it again (--reboot)");
@@ -86,7 +133,9 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     Ok(outcome)
 }
 
-fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
+/// Checks what can be checked before KVM is touched; loads the firmware image of a firmware
+/// boot.
+fn validate(cfg: &VmConfig) -> Result<Option<FirmwareImage>, VmmError> {
     if cfg.cpus == 0 {
         return Err(VmmError::Config(
             "--cpus 0: a guest needs at least one vCPU".into(),
@@ -108,14 +157,29 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
         }
     }
     MemoryMap::new(cfg.memory)?;
-    if !cfg.boot.kernel.is_file() {
+    let linux = match &cfg.boot {
+        BootSpec::Linux(linux) => linux,
+        BootSpec::Firmware(fw) => {
+            let files = fw.firmware.find()?;
+            let image = FirmwareImage::load(&files.code)?;
+            if image.kind == FirmwareKind::Efi {
+                return Err(VmmError::Config(format!(
+                    "{} is UEFI firmware, which ferry cannot boot yet; use --firmware bios",
+                    image.path.display()
+                )));
+            }
+            tracing::info!("firmware: {}", image.path.display());
+            return Ok(Some(image));
+        }
+    };
+    if !linux.kernel.is_file() {
         return Err(VmmError::Config(format!(
             "the kernel {} does not exist or is not a file",
-            cfg.boot.kernel.display()
+            linux.kernel.display()
         )));
     }
-    ferry_firmware::linux::check_bzimage(&cfg.boot.kernel)?;
-    if let Some(i) = &cfg.boot.initrd {
+    ferry_firmware::linux::check_bzimage(&linux.kernel)?;
+    if let Some(i) = &linux.initrd {
         if !i.is_file() {
             return Err(VmmError::Config(format!(
                 "the initrd {} does not exist or is not a file",
@@ -123,7 +187,7 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
             )));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn insert(
@@ -139,6 +203,7 @@ fn insert(
 fn boot_once(
     hv: &dyn Hypervisor,
     cfg: &VmConfig,
+    firmware: Option<&FirmwareImage>,
     sink: SharedSink,
     input: ConsoleInput,
     signals: &SignalPipes,
@@ -211,6 +276,7 @@ fn boot_once(
     )?;
     let mut root = PciRoot::new();
     root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    root.add(DevFn::new(1, 0), Arc::new(Mutex::new(IsaBridge::new())));
     let storage_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
     let mut queue_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
     if let Some((name, port)) = &cfg.hotplug_test {
@@ -234,9 +300,11 @@ fn boot_once(
     );
     root.set_doorbell_hook(vm.clone().doorbell_hook());
     let root = Arc::new(root);
-    // What firmware would do before the kernel runs: give every BAR an address.
+    // What firmware would do before the kernel runs: give every BAR an address (SeaBIOS
+    // assigns them again, in the same window).
+    let mmio32_start = map.pci_mmio32_start();
     if !root.assign_bars(
-        (PCI_MMIO32_START, PCI_MMIO32_END + 1),
+        (mmio32_start, PCI_MMIO32_END + 1),
         (PCI_IO_START, PCI_IO_END),
     ) {
         return Err(VmmError::Device(
@@ -268,33 +336,74 @@ fn boot_once(
     let mut mmio = Bus::new();
     insert(
         &mut mmio,
-        PCI_MMIO32_START,
-        PCI_MMIO32_END + 1 - PCI_MMIO32_START,
+        mmio32_start,
+        PCI_MMIO32_END + 1 - mmio32_start,
         Arc::new(Mutex::new(PciBarWindow::new(
             root.clone(),
-            PCI_MMIO32_START,
+            mmio32_start,
             false,
         ))),
     )?;
 
     // What the guest finds in memory.
-    let rsdp = write_acpi_tables(
-        &mem,
-        &AcpiPlatform {
-            cpus,
-            pm1_evt_blk: acpi_pm::PM_BASE as u16,
-            pm1_evt_len: acpi_pm::PM1_EVT_LEN,
-            pm1_cnt_blk: (acpi_pm::PM_BASE + acpi_pm::PM1A_CNT_OFFSET) as u16,
-            pm1_cnt_len: acpi_pm::PM1_CNT_LEN,
-            sci_irq: acpi_pm::SCI_IRQ,
-            s5_slp_typ: acpi_pm::S5_SLP_TYP as u8,
-            reset_port: (pci::PCI_CONFIG_IO_BASE + pci::RESET_CONTROL_OFFSET) as u16,
-            reset_value: pci::RESET_VALUE,
-            century_cmos_index: 0x32,
-            pvpanic_port: pvpanic::PVPANIC_PORT as u16,
-        },
-    )?;
-    let boot_state = load_linux(&mem, &map, &cfg.boot, rsdp)?;
+    let acpi = AcpiPlatform {
+        cpus,
+        pm1_evt_blk: acpi_pm::PM_BASE as u16,
+        pm1_evt_len: acpi_pm::PM1_EVT_LEN,
+        pm1_cnt_blk: (acpi_pm::PM_BASE + acpi_pm::PM1A_CNT_OFFSET) as u16,
+        pm1_cnt_len: acpi_pm::PM1_CNT_LEN,
+        sci_irq: acpi_pm::SCI_IRQ,
+        s5_slp_typ: acpi_pm::S5_SLP_TYP as u8,
+        reset_port: (pci::PCI_CONFIG_IO_BASE + pci::RESET_CONTROL_OFFSET) as u16,
+        reset_value: pci::RESET_VALUE,
+        century_cmos_index: 0x32,
+        pvpanic_port: pvpanic::PVPANIC_PORT as u16,
+        pci_mmio32_start: mmio32_start,
+    };
+    let boot_state = match (&cfg.boot, firmware) {
+        (BootSpec::Linux(linux), _) => {
+            let rsdp = write_acpi_tables(&mem, &acpi)?;
+            Some(load_linux(&mem, &map, linux, rsdp)?)
+        }
+        (BootSpec::Firmware(fw), Some(image)) => {
+            firmware::map_image(vm.as_ref(), &mem, image)?;
+            let watch = BootWatch::new(exit.clone());
+            let port = firmware::debug_port(fw.log.as_deref(), watch.clone())?;
+            insert(&mut pio, DEBUG_PORT, 1, Arc::new(Mutex::new(port)))?;
+            let mut fw_cfg = FwCfg::new(mem.clone());
+            let spec = BiosSpec {
+                uuid: fw.uuid,
+                memory: &map,
+                acpi: &acpi,
+                boot_order: boot_paths(&cfg.storage, &fw.order),
+                boot_menu: false,
+                boot_menu_wait_ms: None,
+                serial_console: true,
+                // SeaBIOS retries after this; ferry ends the run when it says so.
+                boot_fail_wait_ms: Some(1000),
+            };
+            for (key, data) in bios_config(&spec) {
+                let added = match key {
+                    FwCfgKey::Item(k) => fw_cfg.add_item(k, data),
+                    FwCfgKey::File(name) => fw_cfg.add_file(&name, data),
+                };
+                added.map_err(|e| VmmError::Device(format!("fw_cfg: {e}")))?;
+            }
+            insert(
+                &mut pio,
+                FW_CFG_PORT,
+                FW_CFG_PORT_LEN,
+                Arc::new(Mutex::new(fw_cfg)),
+            )?;
+            if let Some(limit) = fw.timeout {
+                queue_handlers.push(Box::new(BootTimer::new(limit, watch, exit.clone())?));
+            }
+            None
+        }
+        (BootSpec::Firmware(_), None) => {
+            return Err(VmmError::Config("no firmware image was loaded".into()));
+        }
+    };
 
     // vCPUs.
     let supported = hv.supported_cpuid()?;
@@ -308,8 +417,9 @@ fn boot_once(
         let mut cpuid = supported.clone();
         patch_for_vcpu(&mut cpuid, id, cpus);
         v.configure(&cpuid, &msrs)?;
-        if id == 0 {
-            v.set_boot_state(&boot_state)?;
+        // Firmware starts where the CPU does after a reset, which is where KVM leaves it.
+        if let (0, Some(state)) = (id, &boot_state) {
+            v.set_boot_state(state)?;
         }
         vcpus.push(v);
     }
@@ -332,11 +442,15 @@ fn boot_once(
             }
         }
     }
+    let what = match (&cfg.boot, firmware) {
+        (BootSpec::Linux(l), _) => format!("kernel {}", l.kernel.display()),
+        (_, Some(image)) => format!("firmware {}", image.path.display()),
+        (_, None) => String::new(),
+    };
     tracing::info!(
-        "guest started: {} MiB, {} vCPU(s), kernel {}",
+        "guest started: {} MiB, {} vCPU(s), {what}",
         cfg.memory >> 20,
         cpus,
-        cfg.boot.kernel.display()
     );
 
     let result = event_loop(&exit, &serial, &sink, input, signals, queue_handlers);

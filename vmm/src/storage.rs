@@ -12,12 +12,14 @@ use ferry_devices::scsi::{CdParams, CdUnit, DiskParams, DiskUnit, LogicalUnit};
 use ferry_devices::virtio::scsi::VirtioScsi;
 use ferry_devices::virtio::{VirtioPci, VirtioPciParams};
 use ferry_firmware::acpi::pci_intx_gsi;
+use ferry_firmware::boot_path;
 use ferry_storage::io::{BandwidthGroup, EngineOptions, IoEngine};
 use ferry_storage::Disk;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::hypervisor::Vm;
+use crate::machine::BootDevice;
 use crate::VmmError;
 
 /// The controller models ferry can put on the machine.
@@ -74,8 +76,46 @@ impl std::fmt::Debug for UnitConfig {
     }
 }
 
-/// The first slot after the host bridge.
-const FIRST_SLOT: u8 = 1;
+/// The first slot after the host bridge (00:00.0) and the ISA bridge (00:01.0).
+const FIRST_SLOT: u8 = 2;
+
+/// The PCI slot of the `index`th controller.
+fn controller_slot(index: usize) -> Option<u8> {
+    u8::try_from(index)
+        .ok()
+        .and_then(|i| FIRST_SLOT.checked_add(i))
+        .filter(|&s| s < 32)
+}
+
+/// The firmware's boot order (OpenFirmware paths, as in QEMU's `bootorder` file): for each
+/// kind in `order`, the units of that kind in controller and port order.
+pub fn boot_paths(controllers: &[ControllerConfig], order: &[BootDevice]) -> Vec<String> {
+    let mut paths = Vec::new();
+    for kind in order {
+        let want_dvd = match kind {
+            BootDevice::Disk => false,
+            BootDevice::Dvd => true,
+            BootDevice::Net => {
+                tracing::warn!("the boot order names net, but the machine has no network adapter");
+                continue;
+            }
+        };
+        for (i, c) in controllers.iter().enumerate() {
+            let Some(slot) = controller_slot(i) else {
+                continue;
+            };
+            for u in c.units.iter().filter(|u| u.dvd == want_dvd) {
+                paths.push(match c.kind {
+                    ControllerKind::VirtioScsi => {
+                        boot_path::virtio_scsi_disk_path(slot, 0, u.port.into(), 0)
+                    }
+                    ControllerKind::Ahci => boot_path::ahci_disk_path(slot, 0, u.port),
+                });
+            }
+        }
+    }
+    paths
+}
 
 /// Builds every controller and plugs it into `root`; returns the event handlers that the
 /// event loop must run (doorbells and I/O completions).
@@ -88,13 +128,12 @@ pub fn attach_controllers(
 ) -> Result<Vec<StorageHandler>, VmmError> {
     let mut handlers = Vec::new();
     for (i, c) in controllers.iter().enumerate() {
-        let slot = FIRST_SLOT + i as u8;
-        if slot >= 32 {
+        let Some(slot) = controller_slot(i) else {
             return Err(VmmError::Config(format!(
                 "too many storage controllers: bus 0 has no slot for '{}'",
                 c.name
             )));
-        }
+        };
         let gsi = pci_intx_gsi(slot, 0);
         let devfn = DevFn::new(slot, 0);
         let handler = match c.kind {

@@ -48,14 +48,18 @@ pub fn spawn(
 fn run_loop(id: u8, vcpu: &mut dyn Vcpu, ctx: &VcpuThreadContext) {
     while !ctx.stop.load(Ordering::Acquire) {
         match vcpu.run() {
-            Ok(VcpuExit::IoIn { port, data }) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
+            Ok(VcpuExit::IoIn { port, size, data }) => {
+                for access in data.chunks_mut(size.max(1)) {
+                    if !ctx.pio.read(u64::from(port), access) {
+                        access.fill(0xff);
+                    }
                 }
             }
-            Ok(VcpuExit::IoOut { port, data }) => {
-                if !ctx.pio.write(u64::from(port), data) {
-                    tracing::trace!("vcpu{id}: unclaimed write to port {port:#x}");
+            Ok(VcpuExit::IoOut { port, size, data }) => {
+                for access in data.chunks(size.max(1)) {
+                    if !ctx.pio.write(u64::from(port), access) {
+                        tracing::trace!("vcpu{id}: unclaimed write to port {port:#x}");
+                    }
                 }
             }
             Ok(VcpuExit::MmioRead { addr, data }) => {

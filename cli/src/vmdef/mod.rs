@@ -7,6 +7,8 @@
 //! cpus = 2
 //! firmware = "bios"            # bios, efi, or a firmware image
 //! boot = ["disk", "dvd"]
+//! boot_timeout = 30            # seconds the firmware may take to start a boot loader
+//! uuid = "4a1b0c5e-2f3d-4e6a-9b8c-7d6e5f4a3b2c"   # the machine's UUID (SMBIOS)
 //!
 //! [[storagectl]]
 //! name = "IDE"
@@ -45,6 +47,12 @@ pub struct VmDef {
     pub firmware: Option<Firmware>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<Vec<BootDevice>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_log: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<uuid::Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,7 +161,10 @@ impl VmDef {
                 *p = dir.join(&*p);
             }
         };
-        for p in [&mut self.kernel, &mut self.initrd].into_iter().flatten() {
+        for p in [&mut self.kernel, &mut self.initrd, &mut self.firmware_log]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
         if let Some(Firmware::File(p)) = &mut self.firmware {
@@ -366,6 +377,12 @@ impl VmDef {
             }
         }
         if let Some(boot) = &self.boot {
+            if boot.is_empty() {
+                return bad(
+                    self.top_place("boot"),
+                    "the boot order is empty: list at least one of disk, dvd, net".into(),
+                );
+            }
             for (i, b) in boot.iter().enumerate() {
                 if boot[..i].contains(b) {
                     return bad(
@@ -374,6 +391,12 @@ impl VmDef {
                     );
                 }
             }
+        }
+        if self.boot_timeout == Some(0) {
+            return bad(
+                self.top_place("boot_timeout"),
+                "boot_timeout must be at least 1 second".into(),
+            );
         }
         if self.kernel.is_none() {
             for (key, given) in [

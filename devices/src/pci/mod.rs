@@ -1,8 +1,9 @@
 //! PCI: configuration space, the root bus with configuration mechanism #1, BAR decoding,
-//! MSI-X, and the host bridge.
+//! MSI-X, the host bridge and the ISA bridge.
 
 mod config;
 mod host_bridge;
+mod isa_bridge;
 mod msi;
 mod msix;
 mod root;
@@ -13,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{affects_bars, BarKind, BarRange, PciConfigSpace, BAR_COUNT};
 pub use host_bridge::HostBridge;
+pub use isa_bridge::IsaBridge;
 pub use msi::{Msi, MSI_CAP_ID};
 pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
 pub use root::{

@@ -4,23 +4,29 @@ use std::sync::{Arc, Mutex};
 
 use ferry_devices::pci::DoorbellHook;
 use ferry_devices::{EdgeInterrupt, LevelInterrupt, MsiSender};
+use ferry_firmware::layout::HYPERVISOR_PAGES_START;
 use ferry_firmware::linux::Segment;
 use ferry_firmware::BootCpuState;
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_EXIT_IO_IN, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm};
 use crate::cpuid::CpuidEntry;
 
-/// Where KVM puts the TSS and identity-map pages Intel needs for real mode: just below the
-/// BIOS, inside the PCI hole, never RAM.
-const TSS_ADDR: usize = 0xfffb_d000;
-const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Where KVM puts the identity-map page and the three TSS pages Intel needs for real mode.
+const IDENTITY_MAP_ADDR: u64 = HYPERVISOR_PAGES_START;
+const TSS_ADDR: usize = (HYPERVISOR_PAGES_START + 0x1000) as usize;
+/// Memory slots for read-only images (firmware) come after the RAM slots.
+const ROM_SLOT_BASE: u32 = 64;
 
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
@@ -103,6 +109,7 @@ impl Hypervisor for KvmHypervisor {
         Ok(Arc::new(KvmVm {
             fd,
             memory: Mutex::new(None),
+            roms: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -111,6 +118,7 @@ pub struct KvmVm {
     // Field order matters: the VM fd closes before the memory it maps is unmapped.
     fd: VmFd,
     memory: Mutex<Option<GuestMemoryMmap>>,
+    roms: Mutex<Vec<GuestMemoryMmap>>,
 }
 
 impl Vm for KvmVm {
@@ -135,6 +143,40 @@ impl Vm for KvmVm {
             unsafe { self.fd.set_user_memory_region(r) }.map_err(call_err("map guest memory"))?;
         }
         *self.memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
+        Ok(())
+    }
+
+    fn map_rom(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
+        let err = |detail: String| HypervisorError::Call {
+            what: "map a firmware image",
+            detail,
+        };
+        if !self.fd.check_extension(Cap::ReadonlyMem) {
+            return Err(HypervisorError::MissingCapability(
+                "read-only memory slots (for firmware images)",
+            ));
+        }
+        let rom = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(gpa), bytes.len())])
+            .map_err(|e| err(e.to_string()))?;
+        rom.write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| err(e.to_string()))?;
+        let mut roms = self.roms.lock().unwrap_or_else(|e| e.into_inner());
+        let region = rom.iter().next().ok_or_else(|| err("no region".into()))?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| err(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: ROM_SLOT_BASE + roms.len() as u32,
+            // Guest writes become MMIO exits that no device claims: ROM ignores them.
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: gpa,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by `rom`,
+        // which is kept in `self.roms` below; `self.fd` is dropped before it.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(call_err("map a firmware image"))?;
+        roms.push(rom);
         Ok(())
     }
 
@@ -390,37 +432,97 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
-        match self.fd.run() {
-            Ok(exit) => Ok(match exit {
-                KvmExit::IoIn(port, data) => VcpuExit::IoIn { port, data },
-                KvmExit::IoOut(port, data) => VcpuExit::IoOut { port, data },
-                KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
-                KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
-                KvmExit::Hlt => VcpuExit::Halt,
-                KvmExit::Shutdown => VcpuExit::Shutdown,
-                KvmExit::Intr => VcpuExit::Interrupted,
-                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuExit::Shutdown,
-                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
-                    VcpuExit::Failed("the guest asked KVM for a system shutdown".into())
+        // Port and MMIO exits are decoded below from kvm_run itself: kvm-ioctls hands over
+        // string I/O (rep ins/outs, which SeaBIOS uses on fw_cfg) as one buffer of count *
+        // size bytes without the access size, and the devices need each access on its own.
+        let exit = match self.fd.run() {
+            Ok(exit) => match exit {
+                KvmExit::IoIn(..) | KvmExit::IoOut(..) => Pending::Io,
+                KvmExit::MmioRead(..) | KvmExit::MmioWrite(..) => Pending::Mmio,
+                KvmExit::Hlt => Pending::Done(VcpuExit::Halt),
+                KvmExit::Shutdown => Pending::Done(VcpuExit::Shutdown),
+                KvmExit::Intr => Pending::Done(VcpuExit::Interrupted),
+                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+                    Pending::Done(VcpuExit::Shutdown)
                 }
-                KvmExit::FailEntry(reason, _) => VcpuExit::Failed(format!(
-                    "KVM could not enter the guest (hardware entry failure {reason:#x})"
-                )),
-                KvmExit::InternalError => VcpuExit::Failed(
-                    "KVM hit an internal error emulating a guest instruction".into(),
+                KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Pending::Done(
+                    VcpuExit::Failed("the guest asked KVM for a system shutdown".into()),
                 ),
+                KvmExit::FailEntry(reason, _) => Pending::Done(VcpuExit::Failed(format!(
+                    "KVM could not enter the guest (hardware entry failure {reason:#x})"
+                ))),
+                KvmExit::InternalError => Pending::Done(VcpuExit::Failed(
+                    "KVM hit an internal error emulating a guest instruction".into(),
+                )),
                 other => {
                     tracing::debug!("ignored vCPU exit {other:?}");
-                    VcpuExit::Ignored
+                    Pending::Done(VcpuExit::Ignored)
                 }
-            }),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                Ok(VcpuExit::Interrupted)
+                Pending::Done(VcpuExit::Interrupted)
             }
-            Err(e) => Err(HypervisorError::Call {
-                what: "run the vCPU",
-                detail: e.to_string(),
-            }),
-        }
+            Err(e) => {
+                return Err(HypervisorError::Call {
+                    what: "run the vCPU",
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let run = self.fd.get_kvm_run();
+        Ok(match exit {
+            Pending::Done(e) => e,
+            Pending::Io => {
+                // SAFETY: the exit reason is KVM_EXIT_IO (kvm-ioctls just decoded it), so `io`
+                // is the union member the kernel filled in.
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let size = usize::from(io.size);
+                let len = size * io.count as usize;
+                let start = (run as *mut kvm_run).cast::<u8>();
+                // SAFETY: the kernel puts the `count * size` data bytes at `data_offset` inside
+                // the kvm_run mapping (as kvm-ioctls reads them too); the mapping lives as long
+                // as `self.fd`, and the slice borrows `self` mutably, so nothing else aliases it.
+                let data = unsafe {
+                    std::slice::from_raw_parts_mut(start.add(io.data_offset as usize), len)
+                };
+                if u32::from(io.direction) == KVM_EXIT_IO_IN {
+                    VcpuExit::IoIn {
+                        port: io.port,
+                        size,
+                        data,
+                    }
+                } else {
+                    VcpuExit::IoOut {
+                        port: io.port,
+                        size,
+                        data,
+                    }
+                }
+            }
+            Pending::Mmio => {
+                // SAFETY: the exit reason is KVM_EXIT_MMIO, so `mmio` is the member in use.
+                let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+                let len = (mmio.len as usize).min(mmio.data.len());
+                let addr = mmio.phys_addr;
+                if mmio.is_write != 0 {
+                    VcpuExit::MmioWrite {
+                        addr,
+                        data: &mmio.data[..len],
+                    }
+                } else {
+                    VcpuExit::MmioRead {
+                        addr,
+                        data: &mut mmio.data[..len],
+                    }
+                }
+            }
+        })
     }
+}
+
+/// What a vCPU exit turned out to be, before its data is taken from kvm_run.
+enum Pending {
+    Io,
+    Mmio,
+    Done(VcpuExit<'static>),
 }

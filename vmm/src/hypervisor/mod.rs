@@ -15,12 +15,16 @@ use crate::cpuid::CpuidEntry;
 /// Why a vCPU stopped running guest code.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
+    /// A port read; `data` holds `data.len() / size` accesses of `size` bytes each (string
+    /// I/O repeats the access).
     IoIn {
         port: u16,
+        size: usize,
         data: &'a mut [u8],
     },
     IoOut {
         port: u16,
+        size: usize,
         data: &'a [u8],
     },
     MmioRead {
@@ -77,6 +81,8 @@ pub trait Hypervisor {
 pub trait Vm: Send + Sync {
     /// Maps all of `mem` into the guest. The VM keeps the mappings alive as long as it lives.
     fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()>;
+    /// Maps a copy of `bytes` read-only at `gpa` (firmware); guest writes there are dropped.
+    fn map_rom(&self, gpa: u64, bytes: &[u8]) -> Result<()>;
     /// Creates the PC interrupt controllers (PIC, IOAPIC, a LAPIC per vCPU) and the PIT.
     fn create_pc_irqchip(&self) -> Result<()>;
     /// An edge-triggered line into the interrupt controllers at `gsi`.
