@@ -1,13 +1,20 @@
 //! The ACPI PM1 register block (fixed hardware, as the FADT describes it): PM1a event
-//! status/enable and PM1a control, whose SLP_EN write with the \_S5 sleep type powers off.
+//! status/enable, PM1a control, whose SLP_EN write with the \_S5 sleep type powers off, and
+//! the PM timer (OVMF's timer library counts with it).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::{BusDevice, ExitHandle, ExitRequest};
 
 /// I/O base of the block; the FADT points PM1a_EVT_BLK here and PM1a_CNT_BLK 4 bytes up.
 pub const PM_BASE: u64 = 0x600;
-pub const PM_LEN: u64 = 8;
+pub const PM_LEN: u64 = 12;
+/// The 24-bit PM timer, 4 bytes at PM_BASE + 8.
+pub const PM_TMR_OFFSET: u64 = 8;
+pub const PM_TMR_LEN: u8 = 4;
+const PM_TMR_HZ: u128 = 3_579_545;
+const PM_TMR_MASK: u32 = 0x00ff_ffff;
 pub const PM1_EVT_LEN: u8 = 4;
 pub const PM1_CNT_LEN: u8 = 2;
 pub const PM1A_CNT_OFFSET: u64 = 4;
@@ -25,6 +32,8 @@ pub struct AcpiPm {
     status: u16,
     enable: u16,
     control: u16,
+    /// The PM timer counts from here.
+    start: Instant,
     exit: Arc<dyn ExitHandle>,
 }
 
@@ -35,6 +44,7 @@ impl AcpiPm {
             status: 0,
             enable: 0,
             control: SCI_EN,
+            start: Instant::now(),
             exit,
         }
     }
@@ -47,10 +57,25 @@ impl AcpiPm {
             _ => 0,
         }
     }
+
+    /// The PM timer: 3.579545 MHz ticks since power-on, 24 bits wide (the FADT does not set
+    /// TMR_VAL_EXT).
+    fn timer(&self) -> u32 {
+        let ticks = self.start.elapsed().as_nanos() * PM_TMR_HZ / 1_000_000_000;
+        (ticks as u32) & PM_TMR_MASK
+    }
 }
 
 impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= PM_TMR_OFFSET {
+            let t = self.timer().to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                let at = (offset - PM_TMR_OFFSET) as usize + i;
+                *b = t.get(at).copied().unwrap_or(0);
+            }
+            return;
+        }
         // Byte and word accesses at any offset are composed from the 16-bit registers.
         for (i, b) in data.iter_mut().enumerate() {
             let off = offset + i as u64;
@@ -99,6 +124,27 @@ mod tests {
         assert!(exit.requests().is_empty());
         pm.write(4, &((S5_SLP_TYP << 10) | SLP_EN).to_le_bytes());
         assert_eq!(exit.requests(), vec![ExitRequest::PowerOff]);
+    }
+
+    #[test]
+    fn pm_timer_counts_at_3_58_mhz() {
+        let exit = Arc::new(RecordingExit::default());
+        let mut pm = AcpiPm::new(exit);
+        let read = |pm: &mut AcpiPm| {
+            let mut t = [0u8; 4];
+            pm.read(PM_TMR_OFFSET, &mut t);
+            u32::from_le_bytes(t)
+        };
+        let a = read(&mut pm);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = read(&mut pm);
+        assert!(a <= PM_TMR_MASK && b <= PM_TMR_MASK);
+        // 20 ms is about 71591 ticks; a loaded host may sleep longer, never shorter.
+        let d = b.wrapping_sub(a) & PM_TMR_MASK;
+        assert!((71_000..3_579_545).contains(&d), "{d}");
+        // Writes to the timer are ignored.
+        pm.write(PM_TMR_OFFSET, &[0, 0, 0, 0]);
+        assert!(read(&mut pm) >= b);
     }
 
     #[test]

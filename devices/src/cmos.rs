@@ -1,5 +1,5 @@
 //! The MC146818 RTC and its CMOS RAM: the host's time (UTC) in BCD, 24-hour mode, and the
-//! memory-size and CPU-count bytes that PC firmware reads.
+//! memory-size, CPU-count and boot-order bytes that PC firmware reads.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +21,20 @@ const REG_B: usize = 0x0b;
 const REG_C: usize = 0x0c;
 const REG_D: usize = 0x0d;
 const CENTURY: usize = 0x32;
+/// Boot flags as QEMU sets them for SeaBIOS: the third boot device in the high nibble of
+/// 0x38 (bit 0: skip the floppy signature check), the first and second in 0x3d.
+const BOOT_FLAG1: usize = 0x38;
+const BOOT_FLAG2: usize = 0x3d;
+const SKIP_FLOPPY_CHECK: u8 = 1;
+
+/// A device class in the CMOS boot order (SeaBIOS's numbering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootClass {
+    Floppy = 1,
+    Disk = 2,
+    Cdrom = 3,
+    Network = 4,
+}
 
 const B_SET: u8 = 1 << 7;
 const B_BINARY: u8 = 1 << 2;
@@ -67,6 +81,14 @@ impl Cmos {
             ram,
             offset: 0,
         }
+    }
+
+    /// The firmware's default order of device classes (at most three count), for devices the
+    /// `bootorder` fw_cfg file does not name.
+    pub fn set_boot_order(&mut self, order: &[BootClass]) {
+        let code = |i: usize| order.get(i).map_or(0, |&c| c as u8);
+        self.ram[BOOT_FLAG2] = code(0) | (code(1) << 4);
+        self.ram[BOOT_FLAG1] = (code(2) << 4) | SKIP_FLOPPY_CHECK;
     }
 
     fn now(&self) -> i64 {
@@ -257,6 +279,17 @@ mod tests {
             },
             2,
         )
+    }
+
+    #[test]
+    fn boot_order_nibbles() {
+        let mut c = cmos();
+        c.set_boot_order(&[BootClass::Cdrom, BootClass::Disk, BootClass::Network]);
+        assert_eq!(rd(&mut c, 0x3d), 0x23);
+        assert_eq!(rd(&mut c, 0x38), 0x41);
+        c.set_boot_order(&[BootClass::Disk]);
+        assert_eq!(rd(&mut c, 0x3d), 0x02);
+        assert_eq!(rd(&mut c, 0x38), 0x01);
     }
 
     #[test]

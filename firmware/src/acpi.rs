@@ -40,6 +40,8 @@ pub struct AcpiPlatform {
     pub pm1_evt_len: u8,
     pub pm1_cnt_blk: u16,
     pub pm1_cnt_len: u8,
+    /// The PM timer's port (24 bits wide).
+    pub pm_tmr_blk: u16,
     pub sci_irq: u16,
     pub s5_slp_typ: u8,
     /// I/O port and value of the reset register.
@@ -260,6 +262,9 @@ fn fadt(p: &AcpiPlatform, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     f.pm1_cnt_len = p.pm1_cnt_len;
     f.x_pm1a_evt_blk = io(p.pm1_evt_blk, p.pm1_evt_len);
     f.x_pm1a_cnt_blk = io(p.pm1_cnt_blk, p.pm1_cnt_len);
+    f.pm_tmr_blk = u32::from(p.pm_tmr_blk).into();
+    f.pm_tmr_len = 4;
+    f.x_pm_tmr_blk = io(p.pm_tmr_blk, 4);
     f.century = p.century_cmos_index;
     // Legacy devices present, an 8042, no VGA.
     f.iapc_boot_arch = 0b111.into();
@@ -412,6 +417,7 @@ mod tests {
             pm1_evt_len: 4,
             pm1_cnt_blk: 0x604,
             pm1_cnt_len: 2,
+            pm_tmr_blk: 0x608,
             sci_irq: 9,
             s5_slp_typ: 5,
             reset_port: 0xcf9,

@@ -130,6 +130,7 @@ mod tests {
             pm1_evt_len: 4,
             pm1_cnt_blk: 0x604,
             pm1_cnt_len: 2,
+            pm_tmr_blk: 0x608,
             sci_irq: 9,
             s5_slp_typ: 5,
             reset_port: 0xcf9,

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use ferry_devices::acpi_pm::{self, AcpiPm};
-use ferry_devices::cmos::{self, Cmos};
+use ferry_devices::cmos::{self, BootClass, Cmos};
 use ferry_devices::debug_port::DEBUG_PORT;
 use ferry_devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORT_LEN};
 use ferry_devices::i8042::{self, I8042};
-use ferry_devices::pci::{self, DevFn, HostBridge, IsaBridge, PciBarWindow, PciConfigIo, PciRoot};
+use ferry_devices::pci::{
+    self, DevFn, HostBridge, IsaBridge, PciBarWindow, PciConfigIo, PciRoot, Piix4Pm,
+};
 use ferry_devices::pvpanic::{self, PvPanic};
 use ferry_devices::serial::{self, Serial};
 use ferry_devices::{Bus, BusDevice, ExitHandle};
@@ -249,13 +251,25 @@ fn boot_once(
         i8042::I8042_LEN,
         Arc::new(Mutex::new(kbd)),
     )?;
-    let rtc = Cmos::new(
+    let mut rtc = Cmos::new(
         cmos::MemoryLayout {
             low_end: map.low_end,
             high_size: map.high_size,
         },
         cpus,
     );
+    if let BootSpec::Firmware(fw) = &cfg.boot {
+        let classes: Vec<BootClass> = fw
+            .order
+            .iter()
+            .map(|d| match d {
+                BootDevice::Disk => BootClass::Disk,
+                BootDevice::Dvd => BootClass::Cdrom,
+                BootDevice::Net => BootClass::Network,
+            })
+            .collect();
+        rtc.set_boot_order(&classes);
+    }
     insert(
         &mut pio,
         cmos::CMOS_PORT,
@@ -277,6 +291,10 @@ fn boot_once(
     let mut root = PciRoot::new();
     root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
     root.add(DevFn::new(1, 0), Arc::new(Mutex::new(IsaBridge::new())));
+    root.add(
+        DevFn::new(1, 3),
+        Arc::new(Mutex::new(Piix4Pm::new(acpi_pm::PM_BASE as u16))),
+    );
     let storage_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
     let mut queue_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
     if let Some((name, port)) = &cfg.hotplug_test {
@@ -352,6 +370,7 @@ fn boot_once(
         pm1_evt_len: acpi_pm::PM1_EVT_LEN,
         pm1_cnt_blk: (acpi_pm::PM_BASE + acpi_pm::PM1A_CNT_OFFSET) as u16,
         pm1_cnt_len: acpi_pm::PM1_CNT_LEN,
+        pm_tmr_blk: (acpi_pm::PM_BASE + acpi_pm::PM_TMR_OFFSET) as u16,
         sci_irq: acpi_pm::SCI_IRQ,
         s5_slp_typ: acpi_pm::S5_SLP_TYP as u8,
         reset_port: (pci::PCI_CONFIG_IO_BASE + pci::RESET_CONTROL_OFFSET) as u16,

@@ -1,11 +1,12 @@
 //! PCI: configuration space, the root bus with configuration mechanism #1, BAR decoding,
-//! MSI-X, the host bridge and the ISA bridge.
+//! MSI-X, the host bridge, the ISA bridge and the PIIX4 power-management function.
 
 mod config;
 mod host_bridge;
 mod isa_bridge;
 mod msi;
 mod msix;
+mod piix4_pm;
 mod root;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub use host_bridge::HostBridge;
 pub use isa_bridge::IsaBridge;
 pub use msi::{Msi, MSI_CAP_ID};
 pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
+pub use piix4_pm::Piix4Pm;
 pub use root::{
     DoorbellHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
     RESET_CONTROL_OFFSET, RESET_VALUE,
