@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// Write the firmware's debug log (SeaBIOS's port 0x402) to this file.
     #[arg(long, value_name = "FILE")]
     firmware_log: Option<PathBuf>,
+    /// The VM's UEFI variable store (--firmware efi), made from OVMF's template if missing.
+    /// A VM.toml run keeps it beside the file (NAME.efivars); without either, variables
+    /// last one run.
+    #[arg(long, value_name = "FILE")]
+    efi_vars: Option<PathBuf>,
     /// A storage controller: name=C,type=TYPE[,hostiocache=on|off][,ports=N]. TYPE: ide-piix3,
     /// ide-piix4, ide-ich6, ahci, lsilogic, lsilogic-sas, buslogic, nvme, virtio-scsi, usb-xhci.
     #[arg(long, value_name = "SPEC", value_parser = |s: &str| parse_flag::<StorageCtl>(s).map(|v| (v, s.to_string())))]
@@ -142,6 +147,9 @@ fn definition(args: RunArgs) -> Result<VmDef, DefError> {
     }
     if args.firmware_log.is_some() {
         def.firmware_log = args.firmware_log;
+    }
+    if args.efi_vars.is_some() {
+        def.efi_vars = args.efi_vars;
     }
     for (c, text) in args.storagectl {
         def.add_storagectl(c, &text);
@@ -369,6 +377,12 @@ pub fn run(args: RunArgs) -> ExitCode {
                 .map(|s| std::time::Duration::from_secs(s.into())),
             log: def.firmware_log,
             uuid: def.uuid.unwrap_or_else(uuid::Uuid::new_v4).into_bytes(),
+            efi_vars: def.efi_vars.clone().or_else(|| {
+                def.source.as_ref().map(|s| {
+                    let stem = s.path.file_stem().unwrap_or_default().to_string_lossy();
+                    s.path.with_file_name(format!("{stem}.efivars"))
+                })
+            }),
         }),
     };
     let serial = match def.serial.map(|s| s.0.parse::<SerialMode>()).transpose() {

@@ -12,6 +12,8 @@ pub const FIRMWARE_DIR_ENV: &str = "FERRY_FIRMWARE_DIR";
 
 const MIN_SIZE: usize = 64 << 10;
 const MAX_SIZE: usize = 16 << 20;
+/// Images are whole pages (OVMF_CODE_4M.fd is 3.5 MiB minus 16 KiB).
+const GRANULE: usize = 4 << 10;
 /// How much of the image's top also appears at 0xe0000..0x100000.
 const LOW_WINDOW: usize = 128 << 10;
 
@@ -133,7 +135,7 @@ impl FirmwareImage {
 
     pub fn from_bytes(bytes: Vec<u8>, path: PathBuf) -> Result<Self, FirmwareError> {
         let size = bytes.len();
-        if !(MIN_SIZE..=MAX_SIZE).contains(&size) || !size.is_multiple_of(MIN_SIZE) {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&size) || !size.is_multiple_of(GRANULE) {
             return Err(FirmwareError::FirmwareSize {
                 path,
                 size: size as u64,

@@ -66,7 +66,7 @@ pub enum FirmwareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the firmware image {path} is {size} bytes; an image must be a multiple of 64 KiB between 64 KiB and 16 MiB")]
+    #[error("the firmware image {path} is {size} bytes; an image must be whole 4 KiB pages, between 64 KiB and 16 MiB")]
     FirmwareSize { path: PathBuf, size: u64 },
     #[error(
         "the firmware image {path} is corrupt or not a BIOS image (no jump at its reset vector)"

@@ -5,31 +5,114 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use ferry_devices::debug_port::DebugPort;
-use ferry_firmware::image::FirmwareImage;
+use ferry_firmware::image::{FirmwareImage, FirmwareKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::exit::{ExitState, Outcome};
 use crate::hypervisor::Vm;
+use crate::machine::FirmwareBoot;
 use crate::VmmError;
 
+/// A loaded firmware: its image and, for UEFI, the variable store mapped below it.
+pub struct Firmware {
+    pub image: FirmwareImage,
+    pub vars: Option<VarStore>,
+}
+
+/// OVMF's variable store: the VM's own file, or the template's bytes for one run.
+pub struct VarStore {
+    pub bytes: Vec<u8>,
+    pub path: Option<PathBuf>,
+}
+
+/// Finds and checks the firmware a boot asks for; a UEFI boot also gets its variable store,
+/// copied from OVMF's template the first time.
+pub fn load(boot: &FirmwareBoot) -> Result<Firmware, VmmError> {
+    let files = boot.firmware.find()?;
+    let image = FirmwareImage::load(&files.code)?;
+    tracing::info!("firmware: {}", image.path.display());
+    let vars = match (&files.vars, image.kind) {
+        (Some(template), FirmwareKind::Efi) => Some(var_store(template, boot.efi_vars.as_deref())?),
+        _ => None,
+    };
+    if let Some(v) = &vars {
+        if image.bytes.len() + v.bytes.len() > MAX_FLASH {
+            return Err(VmmError::Config(format!(
+                "{} and its variable store are larger than the 16 MiB below 4 GiB that firmware may fill",
+                image.path.display()
+            )));
+        }
+    }
+    Ok(Firmware { image, vars })
+}
+
+/// What firmware may fill below 4 GiB (the hypervisor's pages sit below that).
+const MAX_FLASH: usize = 16 << 20;
+
+fn var_store(template: &Path, own: Option<&Path>) -> Result<VarStore, VmmError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| VmmError::Io {
+            what: format!("cannot read the UEFI variable store {}", p.display()),
+            source,
+        })
+    };
+    let fresh = read(template)?;
+    let Some(own) = own else {
+        tracing::warn!(
+            "UEFI variables are kept for this run only: give --efi-vars FILE (or run a VM.toml) to keep them"
+        );
+        return Ok(VarStore {
+            bytes: fresh,
+            path: None,
+        });
+    };
+    if !own.exists() {
+        std::fs::write(own, &fresh).map_err(|source| VmmError::Io {
+            what: format!("cannot create the UEFI variable store {}", own.display()),
+            source,
+        })?;
+        tracing::info!(
+            "new UEFI variable store {} (from {})",
+            own.display(),
+            template.display()
+        );
+    }
+    let bytes = read(own)?;
+    if bytes.len() != fresh.len() {
+        return Err(VmmError::Config(format!(
+            "the UEFI variable store {} is {} bytes, but this OVMF's template {} is {}: it belongs to another OVMF build; move it away to start afresh",
+            own.display(),
+            bytes.len(),
+            template.display(),
+            fresh.len()
+        )));
+    }
+    Ok(VarStore {
+        bytes,
+        path: Some(own.to_path_buf()),
+    })
+}
+
 /// Maps the image read-only so that it ends at 4 GiB (the reset vector is its last 16 bytes),
-/// and copies its last 128 KiB into RAM below 1 MiB, where real-mode code runs it. That RAM
-/// stays writable: SeaBIOS copies itself there again when it "shadows" through the PAM
-/// registers, which ferry keeps for the guest to read back without remapping anything.
-pub fn map_image(
-    vm: &dyn Vm,
-    mem: &GuestMemoryMmap,
-    image: &FirmwareImage,
-) -> Result<(), VmmError> {
+/// the variable store right below it (as QEMU's second flash), and copies the image's last
+/// 128 KiB into RAM below 1 MiB, where real-mode code runs it. That RAM stays writable:
+/// SeaBIOS copies itself there again when it "shadows" through the PAM registers, which
+/// ferry keeps for the guest to read back without remapping anything.
+pub fn map(vm: &dyn Vm, mem: &GuestMemoryMmap, fw: &Firmware) -> Result<(), VmmError> {
+    let image = &fw.image;
     vm.map_rom(image.base(), &image.bytes)?;
+    if let Some(vars) = &fw.vars {
+        // Read-only for now: OVMF finds no flash there and keeps its variables in memory.
+        vm.map_rom(image.base() - vars.bytes.len() as u64, &vars.bytes)?;
+    }
     let (at, low) = image.low_bios();
     mem.write_slice(low, GuestAddress(at))
         .map_err(|e| VmmError::Config(format!("copying the firmware below 1 MiB: {e}")))?;
@@ -50,14 +133,20 @@ impl BootWatch {
         })
     }
 
-    /// One line of the firmware's log. SeaBIOS says "Booting from ..." when it jumps to a
-    /// boot sector, and "No bootable device." when every entry failed; it would then wait
-    /// and reset, over and over, so ferry ends the run instead.
+    /// One line of the firmware's log or console. SeaBIOS says "Booting from ..." when it
+    /// jumps to a boot sector, and "No bootable device." when every entry failed; it would
+    /// then wait and reset, over and over, so ferry ends the run instead. OVMF's boot manager
+    /// says "BdsDxe: starting Boot0001 ..." for each option it starts; when nothing else
+    /// boots it starts its own shell, or says no option or device was found.
     pub fn line(&self, line: &str) {
-        if line.starts_with("Booting from ") {
-            self.handed_off.store(true, Ordering::Release);
-        } else if line.contains("No bootable device") {
+        let line = line.trim_start_matches(|c: char| c.is_control() || c == ' ');
+        let nothing_to_boot = line.contains("No bootable device")
+            || line.contains("No bootable option or device")
+            || (line.starts_with("BdsDxe: starting ") && line.contains("EFI Internal Shell"));
+        if nothing_to_boot {
             self.exit.set(Outcome::NoBootableDevice);
+        } else if line.starts_with("Booting from ") || line.starts_with("BdsDxe: starting ") {
+            self.handed_off.store(true, Ordering::Release);
         }
     }
 
@@ -87,6 +176,50 @@ pub fn debug_port(log: Option<&Path>, watch: Arc<BootWatch>) -> Result<DebugPort
         }
         watch.line(line);
     })))
+}
+
+/// The serial console's output on its way to the user, with its lines shown to the boot
+/// watch until the firmware has handed over (after that it only passes bytes on).
+pub struct ConsoleTap<W> {
+    out: W,
+    line: Vec<u8>,
+    watch: Arc<BootWatch>,
+}
+
+impl<W> ConsoleTap<W> {
+    pub fn new(out: W, watch: Arc<BootWatch>) -> Self {
+        Self {
+            out,
+            line: Vec::new(),
+            watch,
+        }
+    }
+}
+
+/// Longer console lines are cut: the markers are short.
+const TAP_LINE_MAX: usize = 256;
+
+impl<W: Write> Write for ConsoleTap<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        if !self.watch.handed_off() {
+            for &b in &buf[..n] {
+                if b == b'\n' || b == b'\r' {
+                    if !self.line.is_empty() {
+                        self.watch.line(&String::from_utf8_lossy(&self.line));
+                        self.line.clear();
+                    }
+                } else if self.line.len() < TAP_LINE_MAX {
+                    self.line.push(b);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Ends the run when the firmware has not started a boot loader in time.
@@ -156,6 +289,25 @@ mod tests {
         assert!(w.handed_off());
         assert_eq!(exit.outcome(), None);
         w.line("No bootable device.  Retrying in 5 seconds.");
+        assert_eq!(exit.outcome(), Some(Outcome::NoBootableDevice));
+    }
+
+    #[test]
+    fn ovmf_console_lines() {
+        let exit = Arc::new(ExitState::new().unwrap());
+        let w = BootWatch::new(exit.clone());
+        let mut tap = ConsoleTap::new(Vec::new(), w.clone());
+        tap.write_all(b"\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001 \"UEFI Misc Device\"\r\n")
+            .unwrap();
+        assert!(!w.handed_off());
+        tap.write_all(b"BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)\r\n")
+            .unwrap();
+        assert!(w.handed_off());
+        assert_eq!(exit.outcome(), None);
+        assert!(tap.out.starts_with(b"\x1b[2J"));
+        let exit = Arc::new(ExitState::new().unwrap());
+        let w = BootWatch::new(exit.clone());
+        w.line("BdsDxe: starting Boot0003 \"EFI Internal Shell\" from Fv(7CB8BDC9)");
         assert_eq!(exit.outcome(), Some(Outcome::NoBootableDevice));
     }
 

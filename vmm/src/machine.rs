@@ -21,7 +21,7 @@ use ferry_devices::serial::{self, Serial};
 use ferry_devices::{Bus, BusDevice, ExitHandle};
 use ferry_firmware::acpi::{write_acpi_tables, AcpiPlatform};
 use ferry_firmware::fw_cfg::{bios_config, BiosSpec, FwCfgKey};
-use ferry_firmware::image::{FirmwareChoice, FirmwareImage, FirmwareKind};
+use ferry_firmware::image::FirmwareChoice;
 use ferry_firmware::layout::PCI_MMIO32_END;
 use ferry_firmware::{load_linux, LinuxBootSpec, MemoryMap};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -29,7 +29,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, SharedSink};
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
-use crate::firmware::{self, BootTimer, BootWatch};
+use crate::firmware::{self, BootTimer, BootWatch, ConsoleTap, Firmware};
 use crate::hypervisor::{self, Hypervisor};
 use crate::storage::{
     attach_controllers, boot_paths, ControllerConfig, HotplugToggle, StorageHandler,
@@ -61,6 +61,9 @@ pub struct FirmwareBoot {
     pub log: Option<PathBuf>,
     /// The machine's UUID (SMBIOS), in RFC 4122 byte order.
     pub uuid: [u8; 16],
+    /// The VM's own UEFI variable store (made from OVMF's template when missing); None
+    /// keeps the variables in memory for this run only.
+    pub efi_vars: Option<PathBuf>,
 }
 
 /// A kind of boot device (VirtualBox's words).
@@ -137,7 +140,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
 
 /// Checks what can be checked before KVM is touched; loads the firmware image of a firmware
 /// boot.
-fn validate(cfg: &VmConfig) -> Result<Option<FirmwareImage>, VmmError> {
+fn validate(cfg: &VmConfig) -> Result<Option<Firmware>, VmmError> {
     if cfg.cpus == 0 {
         return Err(VmmError::Config(
             "--cpus 0: a guest needs at least one vCPU".into(),
@@ -162,16 +165,7 @@ fn validate(cfg: &VmConfig) -> Result<Option<FirmwareImage>, VmmError> {
     let linux = match &cfg.boot {
         BootSpec::Linux(linux) => linux,
         BootSpec::Firmware(fw) => {
-            let files = fw.firmware.find()?;
-            let image = FirmwareImage::load(&files.code)?;
-            if image.kind == FirmwareKind::Efi {
-                return Err(VmmError::Config(format!(
-                    "{} is UEFI firmware, which ferry cannot boot yet; use --firmware bios",
-                    image.path.display()
-                )));
-            }
-            tracing::info!("firmware: {}", image.path.display());
-            return Ok(Some(image));
+            return firmware::load(fw).map(Some);
         }
     };
     if !linux.kernel.is_file() {
@@ -205,7 +199,7 @@ fn insert(
 fn boot_once(
     hv: &dyn Hypervisor,
     cfg: &VmConfig,
-    firmware: Option<&FirmwareImage>,
+    firmware: Option<&Firmware>,
     sink: SharedSink,
     input: ConsoleInput,
     signals: &SignalPipes,
@@ -234,9 +228,15 @@ fn boot_once(
 
     // The PC chipset on the port bus.
     let mut pio = Bus::new();
+    // A firmware boot watches what the firmware says, on its debug port and its console.
+    let watch = matches!(cfg.boot, BootSpec::Firmware(_)).then(|| BootWatch::new(exit.clone()));
+    let console_out: Box<dyn std::io::Write + Send> = match &watch {
+        Some(w) => Box::new(ConsoleTap::new(sink.clone(), w.clone())),
+        None => Box::new(sink.clone()),
+    };
     let serial = Arc::new(Mutex::new(Serial::new(
         vm.edge_interrupt(serial::COM1_IRQ)?,
-        Box::new(sink.clone()),
+        console_out,
     )));
     insert(
         &mut pio,
@@ -384,9 +384,11 @@ fn boot_once(
             let rsdp = write_acpi_tables(&mem, &acpi)?;
             Some(load_linux(&mem, &map, linux, rsdp)?)
         }
-        (BootSpec::Firmware(fw), Some(image)) => {
-            firmware::map_image(vm.as_ref(), &mem, image)?;
-            let watch = BootWatch::new(exit.clone());
+        (BootSpec::Firmware(fw), Some(loaded)) => {
+            firmware::map(vm.as_ref(), &mem, loaded)?;
+            let watch = watch
+                .clone()
+                .unwrap_or_else(|| BootWatch::new(exit.clone()));
             let port = firmware::debug_port(fw.log.as_deref(), watch.clone())?;
             insert(&mut pio, DEBUG_PORT, 1, Arc::new(Mutex::new(port)))?;
             let mut fw_cfg = FwCfg::new(mem.clone());
@@ -463,7 +465,7 @@ fn boot_once(
     }
     let what = match (&cfg.boot, firmware) {
         (BootSpec::Linux(l), _) => format!("kernel {}", l.kernel.display()),
-        (_, Some(image)) => format!("firmware {}", image.path.display()),
+        (_, Some(loaded)) => format!("firmware {}", loaded.image.path.display()),
         (_, None) => String::new(),
     };
     tracing::info!(

@@ -54,6 +54,8 @@ pub struct VmDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<uuid::Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub efi_vars: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
@@ -161,9 +163,14 @@ impl VmDef {
                 *p = dir.join(&*p);
             }
         };
-        for p in [&mut self.kernel, &mut self.initrd, &mut self.firmware_log]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.kernel,
+            &mut self.initrd,
+            &mut self.firmware_log,
+            &mut self.efi_vars,
+        ]
+        .into_iter()
+        .flatten()
         {
             fix(p);
         }
