@@ -9,14 +9,12 @@
 #                      initramfs-base.cpio.gz: no fio, a quarter of the load)
 #   OUTDIR/boot.key    package versions + hash of the inputs of boot.raw
 # The guest's console is ttyS0 (115200); EXTLINUX boots at once and the
-# kernel runs a script (ferry.script=, see init) that prints, between the
-# kit's markers GUEST-SCRIPT-BEGIN and GUEST-SCRIPT-END:
-#   BOOTDISK-OK
-#   BOOTDISK-BLOCK <name> size=<sectors> driver=<disk driver> pci=<controller driver>
-#                                   (one per disk in /sys/block)
-#   BOOTDISK-FROM <name>            the disk whose first partition is FERRYBOOT
-# (its ext2 label, read from the superblock: busybox has no blkid); the
-# script's rc is 0 when that disk was found. Then the guest powers off.
+# kernel runs the script of bootscript.sh (ferry.script=, see init), which
+# prints BOOTDISK-OK, BOOTDISK-FIRMWARE bios, a BOOTDISK-BLOCK line per disk
+# and BOOTDISK-FROM <the disk whose first partition is FERRYBOOT> between the
+# kit's markers GUEST-SCRIPT-BEGIN and GUEST-SCRIPT-END (rc=0 when that disk
+# was found); then the guest powers off. The UEFI twin of this disk is
+# efidisk.sh's efiboot.raw.
 # Usage: tests/guest-kit/bootdisk.sh [OUTDIR]   (default: target/guest-kit; it
 # must already hold the kit, see build.sh, which calls this script at its end).
 # Needs root: EXTLINUX installs only into a mounted file system (loop mount).
@@ -44,24 +42,9 @@ for f in "$KERNEL" "$INITRD"; do
     [ -s "$f" ] || die "$f is missing; build the guest kit first (tests/guest-kit/build.sh)"
 done
 
-# The script the guest runs, fixed here so it is part of the key. Short: it
-# travels base64-encoded on the kernel command line (2048 bytes at most).
-# shellcheck disable=SC2016
-GUEST_SCRIPT='echo BOOTDISK-OK; f=
-for b in /sys/block/*; do
-n=${b##*/}
-case $n in loop*|ram*) continue;; esac
-d=$(readlink -f $b/device); p=$d; pci=
-while [ -n "$p" ]; do
-case ${p##*/} in ????:??:??.?) pci=$(basename "$(readlink $p/driver)"); break;; esac
-p=${p%/*}
-done
-echo "BOOTDISK-BLOCK $n size=$(cat $b/size) driver=$(basename "$(readlink $d/driver)") pci=$pci"
-for q in /dev/${n}1 /dev/${n}p1; do
-[ -b $q ] && [ "$(dd if=$q bs=1 skip=1144 count=9 2>/dev/null)" = FERRYBOOT ] && f=$n && echo "BOOTDISK-FROM $n"
-done
-done
-[ -n "$f" ]'
+# The guest's script and kernel command line: bootscript.sh, shared with the
+# UEFI disk (efidisk.sh).
+. "$HERE/bootscript.sh"
 
 # One build per OUTDIR at a time. Not build.sh's lock file: build.sh holds
 # that one (fd 9, inherited) while it runs this script.
@@ -75,7 +58,7 @@ PKGS="extlinux syslinux-common"
 [ -n "$SFDISK" ] || PKGS="$PKGS fdisk"
 
 # Fast path: nothing that goes into the disk changed, nor apt's lists.
-STAMP=$( { cat "$HERE/bootdisk.sh" "$HERE/debs.sh"
+STAMP=$( { cat "$HERE/bootdisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh"
            sha256sum "$KERNEL" "$INITRD"
            echo "$PKGS"
            ls -l --time-style=full-iso /var/lib/apt/lists/ 2>/dev/null; } | sha256sum)
@@ -90,7 +73,7 @@ deb_resolve $PKGS
 KEY=$( {
     echo "boot disk v1"
     printf '%s\n' "$DEB_FILES"
-    cat "$HERE/bootdisk.sh" "$HERE/debs.sh" | sha256sum
+    cat "$HERE/bootdisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh" | sha256sum
     sha256sum "$KERNEL" "$INITRD" | cut -d' ' -f1
 } )
 if [ -f "$OUT/boot.key" ] && [ -f "$DISK" ] && [ "$(cat "$OUT/boot.key")" = "$KEY" ]; then
@@ -154,7 +137,6 @@ MOUNTED=1
 # --- kernel, initramfs, EXTLINUX
 cp "$KERNEL" "$MNT/vmlinuz"
 cp "$INITRD" "$MNT/initramfs.cpio.gz"
-B64=$(printf '%s\n' "$GUEST_SCRIPT" | base64 -w0)
 # SERIAL must be the first directive. PROMPT 0 + TIMEOUT 1: boot the default
 # at once (1/10 s), no menu module needed.
 cat >"$MNT/extlinux.conf" <<EOF
@@ -165,7 +147,7 @@ TIMEOUT 1
 LABEL ferry
   KERNEL /vmlinuz
   INITRD /initramfs.cpio.gz
-  APPEND console=ttyS0 quiet panic=-1 ferry.script=$B64
+  APPEND $BOOT_CMDLINE
 EOF
 # --install writes ldlinux.sys and ldlinux.c32 into the directory and the
 # partition's boot sector (the VBR), which takes its partition offset from

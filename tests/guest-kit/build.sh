@@ -15,6 +15,11 @@
 #                              It needs root (loop mount): without root it is
 #                              skipped with a note. FERRY_BOOTDISK=0 skips it,
 #                              FERRY_BOOTDISK=1 insists (fails without root).
+#   OUTDIR/efiboot.raw         a UEFI-bootable disk (GPT, EFI system partition,
+#                              systemd-boot, this kernel and the base
+#                              initramfs), made by efidisk.sh after boot.raw,
+#                              with its own key (efiboot.key, efiboot.stamp).
+#                              No root needed. FERRY_EFIDISK=0 skips it.
 # Usage: tests/guest-kit/build.sh [OUTDIR]   (default: target/guest-kit under
 # the repository root; a relative OUTDIR is taken relative to the current
 # directory). Needs: apt-get, dpkg-deb, python3, readelf. Downloads are cached
@@ -36,7 +41,7 @@ MODULES="ata_piix ahci mptspi mptsas BusLogic nvme virtio_scsi virtio_pci
  xhci_pci usb-storage uas sr_mod sd_mod ext4 pvpanic pvpanic-mmio
  virtio_blk isofs vfat nls_cp437 nls_ascii"
 
-# Every way out of this script once the kit is there: the boot disk follows.
+# Every way out of this script once the kit is there: the boot disks follow.
 kit_done() {
     case ${FERRY_BOOTDISK:-auto} in
         0) ;;
@@ -47,6 +52,10 @@ kit_done() {
                echo "note: boot disk $OUT/boot.raw not built: it needs root (loop mount for extlinux)"
            fi ;;
     esac
+    if [ "${FERRY_EFIDISK:-1}" != 0 ]; then
+        "$HERE/efidisk.sh" "$OUT" \
+            || die "the UEFI boot disk $OUT/efiboot.raw could not be built (see above; FERRY_EFIDISK=0 skips it)"
+    fi
     exit 0
 }
 
