@@ -14,6 +14,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod pci;
+pub mod pflash;
 pub mod pvpanic;
 pub mod scsi;
 pub mod serial;
