@@ -1,6 +1,13 @@
 //! boot-bench: time to the guest kit's `GUEST-READY` line, and the VMM's memory at that moment,
-//! for ferry, QEMU q35 and QEMU microvm booting the same kernel + initramfs with the same
-//! command line, memory (512 MiB) and vCPU count (1).
+//! for ferry and QEMU booting the same guest with the same memory (512 MiB) and vCPU count (1).
+//! Two modes:
+//! - direct (`--kernel`, `--initrd`): ferry, QEMU q35 and QEMU microvm load the same kernel +
+//!   initramfs with the same command line;
+//! - BIOS (`--disk`, `--bios`): ferry (`--firmware bios`) and QEMU q35 (`-bios`) run the same
+//!   SeaBIOS image, which boots the guest kit's extlinux disk (boot.raw) from a virtio-scsi disk;
+//!   the kernel's command line is the one in the disk's extlinux.conf. microvm has no BIOS disk
+//!   boot and is left out. Each VMM opens the same private copy of the disk (ferry has no
+//!   snapshot mode; the guest only reads it), with the host page cache on for both.
 //!
 //! Runs where `/dev/kvm` has hardware virtualization behind it: a user's host, or the nested
 //! test host (tests/testhost) on machines without it. Driver: tests/bench/boot/run.sh.
@@ -15,28 +22,42 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
-Usage: boot-bench --kernel FILE --initrd FILE [options]
+Usage: boot-bench --kernel FILE --initrd FILE [options]     (direct kernel boot)
+       boot-bench --disk FILE [--bios FILE] [options]       (BIOS boot from a disk)
 
 Boots the same guest N times with each VMM and reports the median time to the
 guest's GUEST-READY console line and the VMM's RSS at that moment.
 
-Options:
+Direct kernel boot (ferry, QEMU q35, QEMU microvm):
   --kernel FILE         guest kernel (bzImage), e.g. target/guest-kit/vmlinuz
   --initrd FILE         initramfs, e.g. target/guest-kit/initramfs-base.cpio.gz
-  --runs N              boots per VMM (default 10)
   --cmdline STR         kernel command line, the same for all VMMs
                         (default \"console=ttyS0 quiet ferry.wait=0\")
-  --vmm LIST            comma-separated subset of ferry,q35,microvm (default all)
+BIOS boot (ferry and QEMU q35; microvm has no BIOS disk boot):
+  --disk FILE           raw BIOS-bootable disk, e.g. target/guest-kit/boot.raw,
+                        on virtio-scsi; each VMM boots a private copy of it
+  --bios FILE           SeaBIOS image, the same for both VMMs (default
+                        /usr/share/seabios/bios-256k.bin): QEMU gets -bios FILE,
+                        ferry --firmware bios with FERRY_FIRMWARE_DIR set to its
+                        folder (--firmware FILE if it is not named bios-256k.bin)
+  --scratch DIR         where the disk's copy goes (default: the temp folder)
+
+Options:
+  --runs N              boots per VMM (default 10)
+  --vmm LIST            comma-separated subset of ferry,q35,microvm (default
+                        all the mode has)
   --ferry PATH          ferry binary (default: ferry next to boot-bench, else on PATH)
   --qemu PATH           QEMU binary (default qemu-system-x86_64 on PATH)
   --qemu-cpu MODEL      QEMU -cpu model (default host)
+  --qemu-accel ACCEL    QEMU accelerator (default kvm; tcg only to try the
+                        commands on a host without KVM: the times mean nothing)
   --timeout SECS        give up on a boot without GUEST-READY after SECS (default 300)
   --exit-timeout SECS   kill the VMM if the guest has not powered off SECS after
                         GUEST-READY (default 60)
@@ -92,15 +113,65 @@ impl Vmm {
     }
 }
 
+/// What is booted, and how.
+enum Mode {
+    /// The VMM loads a kernel and an initramfs itself.
+    Direct {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
+    /// SeaBIOS boots a disk (MBR + extlinux) on virtio-scsi.
+    Bios {
+        /// The disk as given (left untouched).
+        disk: PathBuf,
+        /// The copy both VMMs boot, made before the first boot and again if a boot changed it.
+        work_disk: PathBuf,
+        /// The SeaBIOS image, absolute.
+        firmware: PathBuf,
+    },
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Direct { .. } => "direct",
+            Mode::Bios { .. } => "bios",
+        }
+    }
+
+    /// The VMMs that can boot this way.
+    fn vmms(&self) -> &'static [Vmm] {
+        match self {
+            Mode::Direct { .. } => &Vmm::ALL,
+            Mode::Bios { .. } => &[Vmm::Ferry, Vmm::Q35],
+        }
+    }
+
+    /// The goal the issue sets for this mode, in words.
+    fn goal_text(&self) -> &'static str {
+        match self {
+            Mode::Direct { .. } => {
+                "time at most half of q35's and at most microvm's; RSS at most a quarter of q35's"
+            }
+            Mode::Bios { .. } => "BIOS boot to GUEST-READY no slower than QEMU's (ratio <= 1.0)",
+        }
+    }
+}
+
+/// ferry finds SeaBIOS under this name in $FERRY_FIRMWARE_DIR (or /usr/share/seabios).
+const SEABIOS_FILE: &str = "bios-256k.bin";
+const SEABIOS_DEFAULT: &str = "/usr/share/seabios/bios-256k.bin";
+const FIRMWARE_DIR_ENV: &str = "FERRY_FIRMWARE_DIR";
+
 struct Config {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    cmdline: String,
+    mode: Mode,
     runs: usize,
     vmms: Vec<Vmm>,
     ferry: PathBuf,
     qemu: PathBuf,
     qemu_cpu: String,
+    qemu_accel: String,
     ready_timeout: Duration,
     exit_timeout: Duration,
     log_dir: Option<PathBuf>,
@@ -114,12 +185,16 @@ fn parse_args() -> Result<Config, String> {
     let mut args = std::env::args_os().skip(1);
     let mut kernel = None;
     let mut initrd = None;
-    let mut cmdline = "console=ttyS0 quiet ferry.wait=0".to_string();
+    let mut cmdline = None;
+    let mut disk = None;
+    let mut bios = None;
+    let mut scratch = None;
     let mut runs = 10usize;
-    let mut vmms = Vmm::ALL.to_vec();
+    let mut vmms = None;
     let mut ferry = None;
     let mut qemu = PathBuf::from("qemu-system-x86_64");
     let mut qemu_cpu = "host".to_string();
+    let mut qemu_accel = "kvm".to_string();
     let mut ready_timeout = 300u64;
     let mut exit_timeout = 60u64;
     let mut log_dir = None;
@@ -141,22 +216,27 @@ fn parse_args() -> Result<Config, String> {
         match arg.as_str() {
             "--kernel" => kernel = Some(PathBuf::from(value(&arg)?)),
             "--initrd" => initrd = Some(PathBuf::from(value(&arg)?)),
-            "--cmdline" => cmdline = value(&arg)?,
+            "--cmdline" => cmdline = Some(value(&arg)?),
+            "--disk" => disk = Some(PathBuf::from(value(&arg)?)),
+            "--bios" => bios = Some(PathBuf::from(value(&arg)?)),
+            "--scratch" => scratch = Some(PathBuf::from(value(&arg)?)),
             "--runs" => runs = parse_number(&arg, &value(&arg)?)?,
             "--vmm" => {
-                vmms = Vec::new();
+                let mut list = Vec::new();
                 for name in value(&arg)?.split(',').filter(|s| !s.is_empty()) {
                     let vmm = Vmm::parse(name).ok_or_else(|| {
                         format!("unknown VMM '{name}' (choose from ferry, q35, microvm)")
                     })?;
-                    if !vmms.contains(&vmm) {
-                        vmms.push(vmm);
+                    if !list.contains(&vmm) {
+                        list.push(vmm);
                     }
                 }
+                vmms = Some(list);
             }
             "--ferry" => ferry = Some(PathBuf::from(value(&arg)?)),
             "--qemu" => qemu = PathBuf::from(value(&arg)?),
             "--qemu-cpu" => qemu_cpu = value(&arg)?,
+            "--qemu-accel" => qemu_accel = value(&arg)?,
             "--timeout" => ready_timeout = parse_number(&arg, &value(&arg)?)?,
             "--exit-timeout" => exit_timeout = parse_number(&arg, &value(&arg)?)?,
             "--log-dir" => log_dir = Some(PathBuf::from(value(&arg)?)),
@@ -171,36 +251,102 @@ fn parse_args() -> Result<Config, String> {
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
-    let kernel = kernel.ok_or("--kernel is required")?;
-    let initrd = initrd.ok_or("--initrd is required")?;
-    for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
-        if !path.is_file() {
-            return Err(format!("the {what} {} is not a file", path.display()));
+
+    let mode = match disk {
+        Some(disk) => {
+            for (given, name) in [
+                (kernel.is_some(), "--kernel"),
+                (initrd.is_some(), "--initrd"),
+                (cmdline.is_some(), "--cmdline"),
+            ] {
+                if given {
+                    return Err(format!(
+                        "{name} is for direct kernel boot; a BIOS boot (--disk) takes the \
+                         kernel and its command line from the disk"
+                    ));
+                }
+            }
+            let firmware = bios.unwrap_or_else(|| PathBuf::from(SEABIOS_DEFAULT));
+            for (what, path) in [("disk", &disk), ("BIOS image", &firmware)] {
+                if !path.is_file() {
+                    return Err(format!("the {what} {} is not a file", path.display()));
+                }
+            }
+            // Absolute, as the report names it wherever it is read.
+            let firmware = std::fs::canonicalize(&firmware)
+                .map_err(|e| format!("cannot resolve {}: {e}", firmware.display()))?;
+            let scratch = scratch.unwrap_or_else(std::env::temp_dir);
+            let scratch = std::fs::canonicalize(&scratch)
+                .ok()
+                .filter(|d| d.is_dir())
+                .ok_or_else(|| {
+                    format!("the scratch folder {} is not a folder", scratch.display())
+                })?;
+            let work_disk = scratch.join(format!("boot-bench-{}.raw", std::process::id()));
+            Mode::Bios {
+                disk,
+                work_disk,
+                firmware,
+            }
         }
-    }
+        None => {
+            for (given, name) in [(bios.is_some(), "--bios"), (scratch.is_some(), "--scratch")] {
+                if given {
+                    return Err(format!("{name} is for a BIOS boot: give --disk FILE too"));
+                }
+            }
+            let kernel = kernel.ok_or("--kernel (or --disk for a BIOS boot) is required")?;
+            let initrd = initrd.ok_or("--initrd is required")?;
+            for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+                if !path.is_file() {
+                    return Err(format!("the {what} {} is not a file", path.display()));
+                }
+            }
+            let cmdline = cmdline.unwrap_or_else(|| "console=ttyS0 quiet ferry.wait=0".into());
+            if cmdline.contains("ferry.script=") {
+                return Err(
+                    "the command line must not run a script: the guest is to power off right \
+                     after GUEST-READY"
+                        .into(),
+                );
+            }
+            Mode::Direct {
+                kernel,
+                initrd,
+                cmdline,
+            }
+        }
+    };
     if runs == 0 {
         return Err("--runs must be at least 1".into());
     }
+    let vmms = match vmms {
+        None => mode.vmms().to_vec(),
+        Some(list) => {
+            let (kept, dropped): (Vec<Vmm>, Vec<Vmm>) =
+                list.into_iter().partition(|v| mode.vmms().contains(v));
+            for v in dropped {
+                let how = match mode {
+                    Mode::Direct { .. } => "direct kernel",
+                    Mode::Bios { .. } => "BIOS disk",
+                };
+                eprintln!("boot-bench: {} has no {how} boot: left out", v.label());
+            }
+            kept
+        }
+    };
     if vmms.is_empty() {
-        return Err("--vmm lists no VMM".into());
-    }
-    if cmdline.contains("ferry.script=") {
-        return Err(
-            "the command line must not run a script: the guest is to power off right \
-                    after GUEST-READY"
-                .into(),
-        );
+        return Err("--vmm lists no VMM that can boot this way".into());
     }
     let ferry = ferry.unwrap_or_else(default_ferry);
     Ok(Config {
-        kernel,
-        initrd,
-        cmdline,
+        mode,
         runs,
         vmms,
         ferry,
         qemu,
         qemu_cpu,
+        qemu_accel,
         ready_timeout: Duration::from_secs(ready_timeout),
         exit_timeout: Duration::from_secs(exit_timeout),
         log_dir,
@@ -227,44 +373,119 @@ fn default_ferry() -> PathBuf {
 }
 
 impl Config {
+    /// The command line of one boot: what is common to a VMM's boots in either mode, then what
+    /// the mode adds.
     fn command(&self, vmm: Vmm) -> Command {
         let mut cmd;
         match vmm {
             Vmm::Ferry => {
                 cmd = Command::new(&self.ferry);
-                cmd.arg("run")
-                    .arg("--kernel")
-                    .arg(&self.kernel)
-                    .arg("--initrd")
-                    .arg(&self.initrd)
-                    .arg("--cmdline")
-                    .arg(&self.cmdline)
-                    .args(["--memory", MEMORY, "--cpus", CPUS]);
+                cmd.arg("run");
+                match &self.mode {
+                    Mode::Direct {
+                        kernel,
+                        initrd,
+                        cmdline,
+                    } => {
+                        cmd.arg("--kernel")
+                            .arg(kernel)
+                            .arg("--initrd")
+                            .arg(initrd)
+                            .arg("--cmdline")
+                            .arg(cmdline);
+                    }
+                    Mode::Bios {
+                        work_disk,
+                        firmware,
+                        ..
+                    } => {
+                        // `--firmware bios` as a user would run it, finding this very image
+                        // through FERRY_FIRMWARE_DIR; a differently named image by its path.
+                        match firmware.parent() {
+                            Some(dir) if firmware.file_name() == Some(SEABIOS_FILE.as_ref()) => {
+                                cmd.env(FIRMWARE_DIR_ENV, dir).args(["--firmware", "bios"]);
+                            }
+                            _ => {
+                                cmd.arg("--firmware").arg(firmware);
+                            }
+                        }
+                        let mut attach = std::ffi::OsString::from("ctl=s,port=0,medium=");
+                        attach.push(work_disk);
+                        cmd.args(["--storagectl", "name=s,type=virtio-scsi", "--attach"])
+                            .arg(attach)
+                            .args(["--boot", "disk"]);
+                    }
+                }
+                cmd.args(["--memory", MEMORY, "--cpus", CPUS]);
             }
             Vmm::Q35 | Vmm::Microvm => {
                 cmd = Command::new(&self.qemu);
-                cmd.args(["-enable-kvm", "-machine", vmm.name()])
+                if self.qemu_accel == "kvm" {
+                    cmd.arg("-enable-kvm");
+                } else {
+                    cmd.args(["-accel", &self.qemu_accel]);
+                }
+                cmd.args(["-machine", vmm.name()])
                     .args(["-cpu", &self.qemu_cpu])
                     .args(["-m", MEMORY, "-smp", CPUS])
                     // -nodefaults: no NIC, VGA, monitor, parallel port or CD drive; the one
-                    // serial port goes to stdout (microvm's isa-serial, q35's COM1).
+                    // serial port goes to stdout (microvm's isa-serial, q35's COM1). With no
+                    // VGA, SeaBIOS shows its screen on that serial port, as in ferry.
                     .args([
                         "-nographic",
                         "-nodefaults",
                         "-serial",
                         "stdio",
                         "-no-reboot",
-                    ])
-                    .arg("-kernel")
-                    .arg(&self.kernel)
-                    .arg("-initrd")
-                    .arg(&self.initrd)
-                    .arg("-append")
-                    .arg(&self.cmdline);
+                    ]);
+                match &self.mode {
+                    Mode::Direct {
+                        kernel,
+                        initrd,
+                        cmdline,
+                    } => {
+                        cmd.arg("-kernel")
+                            .arg(kernel)
+                            .arg("-initrd")
+                            .arg(initrd)
+                            .arg("-append")
+                            .arg(cmdline);
+                    }
+                    Mode::Bios {
+                        work_disk,
+                        firmware,
+                        ..
+                    } => {
+                        // The disk as ferry has it: raw, read-write on the host page cache
+                        // (ferry's default, hostiocache=on), one virtio-scsi disk; boot order
+                        // disk first, like ferry's --boot disk.
+                        let mut drive = std::ffi::OsString::from("if=none,id=d,format=raw,");
+                        drive.push("cache=writeback,file=");
+                        drive.push(qemu_escape(work_disk));
+                        cmd.arg("-bios")
+                            .arg(firmware)
+                            .args(["-device", "virtio-scsi-pci,id=s", "-drive"])
+                            .arg(drive)
+                            .args(["-device", "scsi-hd,drive=d,bus=s.0", "-boot", "order=c"]);
+                    }
+                }
             }
         }
         cmd
     }
+}
+
+/// A path as a QEMU option value: commas doubled.
+fn qemu_escape(path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 /// What the stdout reader reports to the main thread.
@@ -553,21 +774,87 @@ fn tail(stdout: &[u8], stderr: &[u8]) -> String {
 }
 
 fn shell_words(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| {
-            let s = a.to_string_lossy();
-            if !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+".contains(c))
-            {
-                s.into_owned()
-            } else {
-                format!("'{}'", s.replace('\'', r"'\''"))
+    let quote = |a: &std::ffi::OsStr| {
+        let s = a.to_string_lossy();
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+".contains(c))
+        {
+            s.into_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    let env = cmd
+        .get_envs()
+        .filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), quote(v))));
+    env.chain(
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(quote),
+    )
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// The private copy of the disk that a BIOS boot runs from: made once, and made again before a
+/// boot if the previous one changed it (the guest only reads its disk, so that should not happen;
+/// it is counted and reported if it does).
+struct DiskCopy<'a> {
+    source: &'a Path,
+    copy: &'a Path,
+    /// Length and modification time of the copy as made.
+    made: Option<(u64, std::time::SystemTime)>,
+    /// Boots after which the copy had changed.
+    changed: usize,
+}
+
+impl<'a> DiskCopy<'a> {
+    fn new(source: &'a Path, copy: &'a Path) -> Self {
+        DiskCopy {
+            source,
+            copy,
+            made: None,
+            changed: 0,
+        }
+    }
+
+    fn stamp(&self) -> Option<(u64, std::time::SystemTime)> {
+        let m = std::fs::metadata(self.copy).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    }
+
+    /// Makes sure the copy is as the source, before a boot (outside the timed part). The copy is
+    /// synced so that no write-back of it overlaps a boot.
+    fn ready(&mut self) -> Result<(), String> {
+        if let Some(made) = self.made {
+            if self.stamp() == Some(made) {
+                return Ok(());
             }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+            self.changed += 1;
+        }
+        let what = |e: std::io::Error| {
+            format!(
+                "cannot copy {} to {}: {e}",
+                self.source.display(),
+                self.copy.display()
+            )
+        };
+        std::fs::copy(self.source, self.copy).map_err(what)?;
+        std::fs::File::open(self.copy)
+            .and_then(|f| f.sync_all())
+            .map_err(what)?;
+        self.made = self.stamp();
+        Ok(())
+    }
+}
+
+impl Drop for DiskCopy<'_> {
+    fn drop(&mut self) {
+        if self.made.is_some() {
+            let _ = std::fs::remove_file(self.copy);
+        }
+    }
 }
 
 fn version(cfg: &Config, vmm: Vmm) -> String {
@@ -605,6 +892,13 @@ fn main() -> ExitCode {
         }
     }
 
+    let mut disk_copy = match &cfg.mode {
+        Mode::Bios {
+            disk, work_disk, ..
+        } => Some(DiskCopy::new(disk, work_disk)),
+        Mode::Direct { .. } => None,
+    };
+
     let mut series: Vec<Series> = cfg
         .vmms
         .iter()
@@ -622,6 +916,12 @@ fn main() -> ExitCode {
         for s in series.iter_mut() {
             if s.failure_tail.is_some() {
                 continue; // it could not boot at all: do not wait for it N times
+            }
+            if let Some(copy) = disk_copy.as_mut() {
+                if let Err(e) = copy.ready() {
+                    eprintln!("boot-bench: {e}");
+                    return ExitCode::from(2);
+                }
             }
             eprint!("boot-bench: {} boot {run}/{} ... ", s.vmm.label(), cfg.runs);
             let attempt = boot_once(&cfg, s.vmm);
@@ -654,7 +954,14 @@ fn main() -> ExitCode {
         }
     }
 
-    let json = report_json(&cfg, &series);
+    // A boot that changed the disk is found before the next one; check after the last too.
+    let disk_changed = disk_copy.as_mut().map(|copy| {
+        if copy.made.is_some() && copy.stamp() != copy.made {
+            copy.changed += 1;
+        }
+        copy.changed
+    });
+    let json = report_json(&cfg, &series, disk_changed);
     if let Some(path) = &cfg.json_out {
         if let Err(e) = std::fs::write(path, format!("{json}\n")) {
             eprintln!("boot-bench: cannot write {}: {e}", path.display());
@@ -663,7 +970,7 @@ fn main() -> ExitCode {
     if cfg.json {
         println!("{json}");
     } else {
-        print!("{}", report_text(&cfg, &series));
+        print!("{}", report_text(&cfg, &series, disk_changed));
     }
 
     let mut code = ExitCode::SUCCESS;
@@ -702,21 +1009,35 @@ fn ratios(series: &[Series], other: Vmm) -> (Option<f64>, Option<f64>) {
     )
 }
 
-/// The goal from the issue: time at most half of q35's and at most microvm's; RSS at most a
-/// quarter of q35's. `None` where a figure is missing.
-struct Goal {
-    time_vs_q35: Option<bool>,
-    time_vs_microvm: Option<bool>,
-    rss_vs_q35: Option<bool>,
-}
-
-fn goal(series: &[Series]) -> Goal {
+/// The goal checks from the issues, per mode (see `Mode::goal_text`): for a direct boot, time at
+/// most half of q35's and at most microvm's, RSS at most a quarter of q35's; for a BIOS boot,
+/// time at most q35's. Each: (JSON key, text label, met?), `None` where a figure is missing.
+fn goal(mode: &Mode, series: &[Series]) -> Vec<(&'static str, &'static str, Option<bool>)> {
     let (tq, rq) = ratios(series, Vmm::Q35);
     let (tm, _) = ratios(series, Vmm::Microvm);
-    Goal {
-        time_vs_q35: tq.map(|r| r <= 0.5),
-        time_vs_microvm: tm.map(|r| r <= 1.0),
-        rss_vs_q35: rq.map(|r| r <= 0.25),
+    match mode {
+        Mode::Direct { .. } => vec![
+            (
+                "time_at_most_half_q35",
+                "time <= 0.5 x q35",
+                tq.map(|r| r <= 0.5),
+            ),
+            (
+                "time_at_most_microvm",
+                "time <= microvm",
+                tm.map(|r| r <= 1.0),
+            ),
+            (
+                "rss_at_most_quarter_q35",
+                "RSS <= 0.25 x q35",
+                rq.map(|r| r <= 0.25),
+            ),
+        ],
+        Mode::Bios { .. } => vec![(
+            "time_at_most_q35",
+            "time <= q35 (ferry/q35 <= 1.0)",
+            tq.map(|r| r <= 1.0),
+        )],
     }
 }
 
@@ -732,15 +1053,38 @@ fn verdict(v: Option<bool>) -> &'static str {
     }
 }
 
-fn report_text(cfg: &Config, series: &[Series]) -> String {
+fn report_text(cfg: &Config, series: &[Series], disk_changed: Option<usize>) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "\nBoot to GUEST-READY: {} boots per VMM, memory {MEMORY}, {CPUS} vCPU, command line \"{}\"", cfg.runs, cfg.cmdline);
-    let _ = writeln!(
-        o,
-        "kernel {}, initrd {}",
-        cfg.kernel.display(),
-        cfg.initrd.display()
-    );
+    match &cfg.mode {
+        Mode::Direct {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let _ = writeln!(o, "\nDirect kernel boot to GUEST-READY: {} boots per VMM, memory {MEMORY}, {CPUS} vCPU, command line \"{cmdline}\"", cfg.runs);
+            let _ = writeln!(
+                o,
+                "kernel {}, initrd {}",
+                kernel.display(),
+                initrd.display()
+            );
+        }
+        Mode::Bios { disk, firmware, .. } => {
+            let _ = writeln!(o, "\nBIOS boot to GUEST-READY: {} boots per VMM, memory {MEMORY}, {CPUS} vCPU, disk on virtio-scsi", cfg.runs);
+            let _ = writeln!(
+                o,
+                "disk {} (a private copy), firmware {} (both VMMs)",
+                disk.display(),
+                firmware.display()
+            );
+            if let Some(n) = disk_changed.filter(|&n| n > 0) {
+                let _ = writeln!(
+                    o,
+                    "warning: {n} boot(s) changed the disk's copy (it was made again before the next boot)"
+                );
+            }
+        }
+    }
     if let Some(note) = &cfg.note {
         let _ = writeln!(o, "note: {note}");
     }
@@ -783,14 +1127,10 @@ fn report_text(cfg: &Config, series: &[Series]) -> String {
             fmt_opt(r, 2)
         );
     }
-    let g = goal(series);
-    let _ = writeln!(
-        o,
-        "\nGoal (time at most half of q35's and at most microvm's; RSS at most a quarter of q35's):"
-    );
-    let _ = writeln!(o, "  time <= 0.5 x q35:   {}", verdict(g.time_vs_q35));
-    let _ = writeln!(o, "  time <= microvm:     {}", verdict(g.time_vs_microvm));
-    let _ = writeln!(o, "  RSS <= 0.25 x q35:   {}", verdict(g.rss_vs_q35));
+    let _ = writeln!(o, "\nGoal ({}):", cfg.mode.goal_text());
+    for (_, label, met) in goal(&cfg.mode, series) {
+        let _ = writeln!(o, "  {:<32} {}", format!("{label}:"), verdict(met));
+    }
     let _ = writeln!(o, "(information only: a slow figure does not fail the run)");
 
     for s in series {
@@ -869,20 +1209,38 @@ fn json_bool(v: Option<bool>) -> &'static str {
     }
 }
 
-fn report_json(cfg: &Config, series: &[Series]) -> String {
+fn report_json(cfg: &Config, series: &[Series], disk_changed: Option<usize>) -> String {
+    let path = |p: &Path| json_str(&p.to_string_lossy());
+    let null = || "null".to_string();
+    // Every key in both modes; those of the other mode are null.
+    let (cmdline, kernel, initrd, disk, firmware) = match &cfg.mode {
+        Mode::Direct {
+            kernel,
+            initrd,
+            cmdline,
+        } => (
+            json_str(cmdline),
+            path(kernel),
+            path(initrd),
+            null(),
+            null(),
+        ),
+        Mode::Bios { disk, firmware, .. } => (null(), null(), null(), path(disk), path(firmware)),
+    };
     let mut o = String::new();
     let _ = write!(
         o,
-        "{{\"benchmark\":\"boot\",\"marker\":{},\"runs\":{},\"memory\":{},\"cpus\":{},\
-         \"cmdline\":{},\"kernel\":{},\"initrd\":{},\"note\":{},\"vmms\":[",
+        "{{\"benchmark\":\"boot\",\"mode\":{},\"marker\":{},\"runs\":{},\"memory\":{},\
+         \"cpus\":{},\"cmdline\":{cmdline},\"kernel\":{kernel},\"initrd\":{initrd},\
+         \"disk\":{disk},\"firmware\":{firmware},\"disk_changed_boots\":{},\"note\":{},\
+         \"vmms\":[",
+        json_str(cfg.mode.name()),
         json_str(READY_MARKER),
         cfg.runs,
         json_str(MEMORY),
         CPUS,
-        json_str(&cfg.cmdline),
-        json_str(&cfg.kernel.to_string_lossy()),
-        json_str(&cfg.initrd.to_string_lossy()),
-        cfg.note.as_deref().map_or("null".into(), json_str),
+        disk_changed.map_or_else(null, |n| n.to_string()),
+        cfg.note.as_deref().map_or_else(null, json_str),
     );
     for (i, s) in series.iter().enumerate() {
         if i > 0 {
@@ -940,23 +1298,20 @@ fn report_json(cfg: &Config, series: &[Series]) -> String {
     }
     let (tq, rq) = ratios(series, Vmm::Q35);
     let (tm, rm) = ratios(series, Vmm::Microvm);
-    let g = goal(series);
     let _ = write!(
         o,
         "],\"ratios\":{{\"time_ferry_q35\":{},\"time_ferry_microvm\":{},\"rss_ferry_q35\":{},\
-         \"rss_ferry_microvm\":{}}},\"goal\":{{\"text\":{},\"time_at_most_half_q35\":{},\
-         \"time_at_most_microvm\":{},\"rss_at_most_quarter_q35\":{}}}}}",
+         \"rss_ferry_microvm\":{}}},\"goal\":{{\"text\":{}",
         json_num(tq),
         json_num(tm),
         json_num(rq),
         json_num(rm),
-        json_str(
-            "time at most half of q35's and at most microvm's; RSS at most a quarter of q35's"
-        ),
-        json_bool(g.time_vs_q35),
-        json_bool(g.time_vs_microvm),
-        json_bool(g.rss_vs_q35),
+        json_str(cfg.mode.goal_text()),
     );
+    for (key, _, met) in goal(&cfg.mode, series) {
+        let _ = write!(o, ",\"{key}\":{}", json_bool(met));
+    }
+    o.push_str("}}");
     o
 }
 
@@ -979,6 +1334,12 @@ mod tests {
         );
         assert_eq!(kernel_message("GUEST-READY 1.23"), None);
         assert_eq!(kernel_message("[ok] fine"), None);
+    }
+
+    #[test]
+    fn qemu_option_values_double_commas() {
+        assert_eq!(qemu_escape(Path::new("/tmp/a,b.raw")), "/tmp/a,,b.raw");
+        assert_eq!(qemu_escape(Path::new("/tmp/ab.raw")), "/tmp/ab.raw");
     }
 
     #[test]
