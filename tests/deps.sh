@@ -13,6 +13,8 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 # SeaBIOS: the firmware `ferry run` boots disks with (ferry finds it where Debian puts it).
 [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
+# OVMF: the UEFI firmware `ferry run --firmware efi` boots.
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 
 lists_missing() { ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
 

@@ -18,9 +18,10 @@ cp target/guest-kit/vmlinuz "$payload/"
 # Scenarios that need no fio boot the small kit; one checks the full kit.
 cp target/guest-kit/initramfs-base.cpio.gz "$payload/initramfs.cpio.gz"
 cp target/guest-kit/initramfs.cpio.gz "$payload/initramfs-full.cpio.gz"
-# Firmware boots: the kit's extlinux disk, and Debian's SeaBIOS (tests/deps.sh installs it).
-cp target/guest-kit/boot.raw "$payload/"
-cp /usr/share/seabios/bios-256k.bin "$payload/"
+# Firmware boots: the kit's extlinux and UEFI disks, Debian's SeaBIOS and OVMF (tests/deps.sh
+# installs them).
+cp target/guest-kit/boot.raw target/guest-kit/efiboot.raw "$payload/"
+cp /usr/share/seabios/bios-256k.bin /usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/OVMF/OVMF_VARS_4M.fd "$payload/"
 # Empty dynamic images of each format, made by another tool (qemu-img), for the guest to fill.
 for f in vdi:vdi vmdk:vmdk vhd:vpc hds:parallels; do
     qemu-img create -q -f "${f#*:}" "$payload/empty.${f%%:*}" 128M
@@ -53,6 +54,18 @@ else
     # fresh one, the one that was running at most twice in all.
     echo "integration: running the guest scenarios inside the test host (QEMU TCG with nested SVM)"
     remaining=${*:-$(sh tests/integration/scenarios.sh --list)}
+    # OVMF cannot run nested here: QEMU 7.2's emulated SVM aborts the test host
+    # ("tcg_handle_interrupt: assertion failed: (qemu_mutex_iothread_locked())") as soon as
+    # a nested guest runs OVMF, under QEMU -enable-kvm exactly as under ferry, with one or
+    # two TCG threads. The UEFI scenarios run where the host has hardware virtualization.
+    kept=""
+    for s in $remaining; do
+        case $s in
+            efi_*) echo "integration: $s left out: it needs hardware virtualization (OVMF aborts QEMU 7.2's emulated SVM)" ;;
+            *) kept="$kept $s" ;;
+        esac
+    done
+    remaining=$kept
     : >"$log"
     retried=""
     for attempt in 1 2 3; do

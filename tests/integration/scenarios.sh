@@ -33,12 +33,12 @@ LIMIT=${LIMIT:-300}
 [ -f "$here/bios-256k.bin" ] && export FERRY_FIRMWARE_DIR="$here"
 
 # launch NAME CMDLINE [ferry run args...]: starts ferry in the background; sets $pid.
-# With FIRMWARE set, the guest boots from its disks through SeaBIOS instead of a kernel
-# (CMDLINE is unused: the boot disk carries its own), with the firmware's log kept.
+# With FIRMWARE=bios or efi, the guest boots from its disks through SeaBIOS or OVMF instead
+# of a kernel (CMDLINE is unused: the boot disk carries its own), with the firmware's log kept.
 launch() {
     name=$1 cmdline=$2; shift 2
     if [ -n "${FIRMWARE:-}" ]; then
-        "$FERRY" -v run --firmware bios --firmware-log "$OUT/$name.firmware.log" "$@" \
+        "$FERRY" -v run --firmware "$FIRMWARE" --firmware-log "$OUT/$name.firmware.log" "$@" \
             >"$OUT/$name.log" 2>&1 &
     else
         "$FERRY" -v run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" "$@" \
@@ -560,7 +560,7 @@ bios_boot_problem() {
 sc_bios_virtio_scsi() {
     n=bios_virtio_scsi
     cp "$here/boot.raw" "$OUT/bv.raw" || { fail $n "no boot.raw in the payload"; return; }
-    FIRMWARE=1 boot $n "" --memory 256M --boot disk --boot-timeout 120 \
+    FIRMWARE=bios boot $n "" --memory 256M --boot disk --boot-timeout 120 \
         --storagectl name=s,type=virtio-scsi --attach "ctl=s,port=0,medium=$OUT/bv.raw"
     why=$(bios_boot_problem $n) || { fail $n "$why"; return; }
     grep -q '^BOOTDISK-FROM sda' "$OUT/$n.log" && grep -q '^BOOTDISK-BLOCK sda .*pci=virtio-pci' "$OUT/$n.log" ||
@@ -572,7 +572,7 @@ sc_bios_virtio_scsi() {
 sc_bios_ahci() {
     n=bios_ahci
     cp "$here/boot.raw" "$OUT/ba.raw" || { fail $n "no boot.raw in the payload"; return; }
-    FIRMWARE=1 boot $n "" --memory 256M --boot disk,dvd --boot-timeout 120 \
+    FIRMWARE=bios boot $n "" --memory 256M --boot disk,dvd --boot-timeout 120 \
         --storagectl name=sata,type=ahci,ports=4 \
         --attach "ctl=sata,port=0,medium=$here/test.iso,type=dvd" \
         --attach "ctl=sata,port=1,medium=$OUT/ba.raw"
@@ -590,7 +590,7 @@ sc_bios_formats() {
         dst=$OUT/bf-disk.${f#*:}
         "$FERRY" medium clone --format "${f%%:*}" "$here/boot.raw" "$dst" >"$OUT/bf-clone.log" 2>&1 ||
             { fail $n "ferry medium clone --format ${f%%:*} failed: $(tail -n 1 "$OUT/bf-clone.log")"; return; }
-        FIRMWARE=1 boot "bf-${f%%:*}" "" --memory 256M --boot disk --boot-timeout 120 \
+        FIRMWARE=bios boot "bf-${f%%:*}" "" --memory 256M --boot disk --boot-timeout 120 \
             --storagectl name=sata,type=ahci,ports=1 --attach "ctl=sata,port=0,medium=$dst"
         why=$(bios_boot_problem "bf-${f%%:*}") ||
             { fail $n "the ${f%%:*} clone: $why (log: bf-${f%%:*}.log)"; tail -n 25 "$OUT/bf-${f%%:*}.log"; return; }
@@ -604,7 +604,7 @@ sc_bios_formats() {
 sc_bios_no_boot() {
     n=bios_no_boot
     rm -f "$OUT/bn.raw"; truncate -s 64M "$OUT/bn.raw"
-    FIRMWARE=1 boot $n "" --memory 256M --boot disk --boot-timeout 120 \
+    FIRMWARE=bios boot $n "" --memory 256M --boot disk --boot-timeout 120 \
         --storagectl name=sata,type=ahci,ports=1 --attach "ctl=sata,port=0,medium=$OUT/bn.raw"
     [ "$rc" = 5 ] || { fail $n "$(why_rc "expected 5 when nothing boots")"; return; }
     grep -q 'No bootable device' "$OUT/$n.log" || { fail $n "the firmware's message is not on the console"; return; }
@@ -612,7 +612,42 @@ sc_bios_no_boot() {
     pass $n
 }
 
-all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup ahci ahci_formats ahci_trim ahci_hotplug bios_virtio_scsi bios_ahci bios_formats bios_no_boot"
+# UEFI: OVMF boots the kit's GPT disk (systemd-boot on an EFI system partition), with the VM's
+# own copy of the variable store, which OVMF fills on its first boot.
+# efi_boot_problem NAME: like bios_boot_problem, for OVMF.
+efi_boot_problem() {
+    log=$OUT/$1.log
+    if [ "$rc" != 0 ]; then why_rc "expected 0 after the guest's poweroff"
+    elif ! grep -q 'BdsDxe: starting Boot' "$log"; then echo "OVMF's boot manager started nothing"
+    elif ! grep -q '^GUEST-READY' "$log"; then echo "the kernel from the disk never got to GUEST-READY"
+    elif ! grep -q '^BOOTDISK-FIRMWARE uefi' "$log"; then echo "the guest does not see UEFI firmware"
+    elif ! grep -q '^BOOTDISK-FROM sda' "$log"; then echo "the guest did not find the disk it booted from"
+    elif ! grep -q '^GUEST-SCRIPT-END rc=0' "$log"; then echo "the guest script failed"
+    else return 0
+    fi
+    return 1
+}
+
+# efi_on NAME CONTROLLER-TYPE: boots the UEFI disk on that controller.
+efi_on() {
+    n=$1
+    cp "$here/efiboot.raw" "$OUT/$n.raw" || { fail $n "no efiboot.raw in the payload"; return; }
+    rm -f "$OUT/$n.efivars"
+    FIRMWARE=efi boot $n "" --memory 512M --boot disk --boot-timeout 240 --efi-vars "$OUT/$n.efivars" \
+        --storagectl "name=c,type=$2" --attach "ctl=c,port=0,medium=$OUT/$n.raw"
+    why=$(efi_boot_problem $n) || { fail $n "$why"; return; }
+    [ "$(wc -c <"$OUT/$n.efivars")" = "$(wc -c <"$here/OVMF_VARS_4M.fd")" ] ||
+        { fail $n "the VM's variable store is not a copy of OVMF_VARS_4M.fd"; return; }
+    # OVMF records its boot options on the first boot: they reach the VM's file (flash).
+    ! cmp -s "$OUT/$n.efivars" "$here/OVMF_VARS_4M.fd" ||
+        { fail $n "OVMF wrote no variables to the VM's store"; return; }
+    pass $n
+}
+
+sc_efi_virtio_scsi() { efi_on efi_virtio_scsi virtio-scsi; }
+sc_efi_ahci() { efi_on efi_ahci ahci; }
+
+all="smp1_256m kit_fio smp2_serial_file mem_3g5 mem_5g reboot_acpi reboot_kbd reboot_restart_sigterm sigint panic virtio_scsi virtio_scsi_formats virtio_scsi_nocache virtio_scsi_discard virtio_scsi_bwgroup ahci ahci_formats ahci_trim ahci_hotplug bios_virtio_scsi bios_ahci bios_formats bios_no_boot efi_virtio_scsi efi_ahci"
 if [ "${1:-}" = --list ]; then echo $all; exit 0; fi
 for s in ${*:-$all}; do
     echo "FERRY-TEST-START $s"

@@ -7,17 +7,19 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use ferry_devices::debug_port::DebugPort;
+use ferry_devices::pflash::{Pflash, PflashMapping};
+use ferry_devices::Bus;
 use ferry_firmware::image::{FirmwareImage, FirmwareKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::exit::{ExitState, Outcome};
-use crate::hypervisor::Vm;
+use crate::hypervisor::{FlashMapping, Vm};
 use crate::machine::FirmwareBoot;
 use crate::VmmError;
 
@@ -102,21 +104,49 @@ fn var_store(template: &Path, own: Option<&Path>) -> Result<VarStore, VmmError> 
 }
 
 /// Maps the image read-only so that it ends at 4 GiB (the reset vector is its last 16 bytes),
-/// the variable store right below it (as QEMU's second flash), and copies the image's last
-/// 128 KiB into RAM below 1 MiB, where real-mode code runs it. That RAM stays writable:
-/// SeaBIOS copies itself there again when it "shadows" through the PAM registers, which
-/// ferry keeps for the guest to read back without remapping anything.
-pub fn map(vm: &dyn Vm, mem: &GuestMemoryMmap, fw: &Firmware) -> Result<(), VmmError> {
+/// and copies its last 128 KiB into RAM below 1 MiB, where real-mode code runs it. That RAM
+/// stays writable: SeaBIOS copies itself there again when it "shadows" through the PAM
+/// registers, which ferry keeps for the guest to read back without remapping anything.
+/// A UEFI variable store becomes a flash device right below the image (as QEMU's second
+/// flash), on `mmio`.
+pub fn map(
+    vm: &Arc<dyn Vm>,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    fw: &Firmware,
+) -> Result<(), VmmError> {
     let image = &fw.image;
     vm.map_rom(image.base(), &image.bytes)?;
     if let Some(vars) = &fw.vars {
-        // Read-only for now: OVMF finds no flash there and keeps its variables in memory.
-        vm.map_rom(image.base() - vars.bytes.len() as u64, &vars.bytes)?;
+        let len = vars.bytes.len() as u64;
+        let gpa = image.base() - len;
+        let mut flash = match &vars.path {
+            Some(p) => Pflash::open(p, len),
+            None => Pflash::new(vars.bytes.clone()),
+        }
+        .map_err(|e| VmmError::Config(format!("UEFI variable store: {e}")))?;
+        let mapping = vm.clone().map_flash(gpa, flash.bytes())?;
+        flash.set_mapping(Box::new(FlashSlot(mapping)));
+        mmio.insert(gpa, len, Arc::new(Mutex::new(flash)))
+            .map_err(|e| VmmError::Device(format!("UEFI variable store: {e}")))?;
     }
     let (at, low) = image.low_bios();
     mem.write_slice(low, GuestAddress(at))
         .map_err(|e| VmmError::Config(format!("copying the firmware below 1 MiB: {e}")))?;
     Ok(())
+}
+
+/// The flash device's view of its memory slot.
+struct FlashSlot(Arc<dyn FlashMapping>);
+
+impl PflashMapping for FlashSlot {
+    fn read_array(&mut self, active: bool) {
+        self.0.set_mapped(active);
+    }
+
+    fn changed(&mut self, offset: u64, bytes: &[u8]) {
+        self.0.update(offset, bytes);
+    }
 }
 
 /// What the firmware has said about booting, from its debug port.

@@ -385,7 +385,7 @@ fn boot_once(
             Some(load_linux(&mem, &map, linux, rsdp)?)
         }
         (BootSpec::Firmware(fw), Some(loaded)) => {
-            firmware::map(vm.as_ref(), &mem, loaded)?;
+            firmware::map(&vm, &mem, &mut mmio, loaded)?;
             let watch = watch
                 .clone()
                 .unwrap_or_else(|| BootWatch::new(exit.clone()));

@@ -19,7 +19,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm};
+use super::{FlashMapping, Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm};
 use crate::cpuid::CpuidEntry;
 
 /// Where KVM puts the identity-map page and the three TSS pages Intel needs for real mode.
@@ -121,6 +121,84 @@ pub struct KvmVm {
     roms: Mutex<Vec<GuestMemoryMmap>>,
 }
 
+impl KvmVm {
+    /// Maps a copy of `bytes` read-only at `gpa` in a new slot; returns the slot and the
+    /// memory behind it (kept alive in `self.roms`).
+    fn add_rom(&self, gpa: u64, bytes: &[u8]) -> Result<(u32, GuestMemoryMmap)> {
+        let err = |detail: String| HypervisorError::Call {
+            what: "map a firmware image",
+            detail,
+        };
+        if !self.fd.check_extension(Cap::ReadonlyMem) {
+            return Err(HypervisorError::MissingCapability(
+                "read-only memory slots (for firmware images)",
+            ));
+        }
+        let rom = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(gpa), bytes.len())])
+            .map_err(|e| err(e.to_string()))?;
+        rom.write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| err(e.to_string()))?;
+        let mut roms = self.roms.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = ROM_SLOT_BASE + roms.len() as u32;
+        self.set_rom_slot(slot, gpa, &rom, true)?;
+        roms.push(rom.clone());
+        Ok((slot, rom))
+    }
+
+    /// Registers (or with `mapped` false, removes) a read-only slot over `rom`.
+    fn set_rom_slot(&self, slot: u32, gpa: u64, rom: &GuestMemoryMmap, mapped: bool) -> Result<()> {
+        let err = |detail: String| HypervisorError::Call {
+            what: "map a firmware image",
+            detail,
+        };
+        let region = rom.iter().next().ok_or_else(|| err("no region".into()))?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| err(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            // Guest writes become MMIO exits: ROM ignores them, flash takes them as commands.
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: gpa,
+            // Size 0 deletes the slot.
+            memory_size: if mapped { region.len() } else { 0 },
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by `rom`,
+        // a clone of which stays in `self.roms` for as long as the VM lives; `self.fd` is
+        // dropped before it.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(call_err("map a firmware image"))
+    }
+}
+
+/// A flash device's slot: removed while the device answers reads itself.
+struct KvmFlash {
+    vm: Arc<KvmVm>,
+    slot: u32,
+    gpa: u64,
+    region: GuestMemoryMmap,
+}
+
+impl FlashMapping for KvmFlash {
+    fn set_mapped(&self, mapped: bool) {
+        if let Err(e) = self
+            .vm
+            .set_rom_slot(self.slot, self.gpa, &self.region, mapped)
+        {
+            tracing::error!("flash at {:#x}: {e}", self.gpa);
+        }
+    }
+
+    fn update(&self, offset: u64, data: &[u8]) {
+        if let Err(e) = self
+            .region
+            .write_slice(data, GuestAddress(self.gpa + offset))
+        {
+            tracing::error!("flash at {:#x}: {e}", self.gpa);
+        }
+    }
+}
+
 impl Vm for KvmVm {
     fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()> {
         for (slot, region) in mem.iter().enumerate() {
@@ -147,37 +225,17 @@ impl Vm for KvmVm {
     }
 
     fn map_rom(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
-        let err = |detail: String| HypervisorError::Call {
-            what: "map a firmware image",
-            detail,
-        };
-        if !self.fd.check_extension(Cap::ReadonlyMem) {
-            return Err(HypervisorError::MissingCapability(
-                "read-only memory slots (for firmware images)",
-            ));
-        }
-        let rom = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(gpa), bytes.len())])
-            .map_err(|e| err(e.to_string()))?;
-        rom.write_slice(bytes, GuestAddress(gpa))
-            .map_err(|e| err(e.to_string()))?;
-        let mut roms = self.roms.lock().unwrap_or_else(|e| e.into_inner());
-        let region = rom.iter().next().ok_or_else(|| err("no region".into()))?;
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| err(e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: ROM_SLOT_BASE + roms.len() as u32,
-            // Guest writes become MMIO exits that no device claims: ROM ignores them.
-            flags: KVM_MEM_READONLY,
-            guest_phys_addr: gpa,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by `rom`,
-        // which is kept in `self.roms` below; `self.fd` is dropped before it.
-        unsafe { self.fd.set_user_memory_region(r) }.map_err(call_err("map a firmware image"))?;
-        roms.push(rom);
-        Ok(())
+        self.add_rom(gpa, bytes).map(|_| ())
+    }
+
+    fn map_flash(self: Arc<Self>, gpa: u64, bytes: &[u8]) -> Result<Arc<dyn FlashMapping>> {
+        let (slot, region) = self.add_rom(gpa, bytes)?;
+        Ok(Arc::new(KvmFlash {
+            vm: self,
+            slot,
+            gpa,
+            region,
+        }))
     }
 
     fn create_pc_irqchip(&self) -> Result<()> {

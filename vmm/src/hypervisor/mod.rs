@@ -83,6 +83,10 @@ pub trait Vm: Send + Sync {
     fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()>;
     /// Maps a copy of `bytes` read-only at `gpa` (firmware); guest writes there are dropped.
     fn map_rom(&self, gpa: u64, bytes: &[u8]) -> Result<()>;
+    /// Maps a copy of `bytes` read-only at `gpa` for a flash device: reads hit memory while
+    /// it is mapped, writes always exit as MMIO, and the device can take the mapping away
+    /// (then reads exit too) and change its contents.
+    fn map_flash(self: Arc<Self>, gpa: u64, bytes: &[u8]) -> Result<Arc<dyn FlashMapping>>;
     /// Creates the PC interrupt controllers (PIC, IOAPIC, a LAPIC per vCPU) and the PIT.
     fn create_pc_irqchip(&self) -> Result<()>;
     /// An edge-triggered line into the interrupt controllers at `gsi`.
@@ -94,6 +98,14 @@ pub trait Vm: Send + Sync {
     /// Lets device doorbells be signalled without a VM exit.
     fn doorbell_hook(self: Arc<Self>) -> Arc<dyn DoorbellHook>;
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
+}
+
+/// The memory side of a flash device (see [`Vm::map_flash`]).
+pub trait FlashMapping: Send + Sync {
+    /// Shows the contents to guest reads (true) or sends reads to the device (false).
+    fn set_mapped(&self, mapped: bool);
+    /// Replaces `data.len()` bytes of the contents at `offset`.
+    fn update(&self, offset: u64, data: &[u8]);
 }
 
 /// One virtual CPU. Owned by its thread.
