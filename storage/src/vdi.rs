@@ -387,22 +387,28 @@ fn parse_header(path: &Path, h: &[u8], file_len: u64) -> Result<Header> {
         }
         t => return Err(corrupt(format!("unknown image type {t}"))),
     }
-    if hd.block_size == 0 || !hd.block_size.is_power_of_two() || hd.block_size < SECTOR {
+    // Any power of two from a sector up: VirtualBox takes it from the header (its
+    // `AllocationBlockSize` at creation), so nothing below assumes 1 MiB.
+    if !hd.block_size.is_power_of_two() || hd.block_size < SECTOR {
         return Err(corrupt(format!(
-            "block size {} is not a power of two of at least 512",
+            "block size {} is not a power of two of at least 512 bytes",
             hd.block_size
         )));
     }
     if hd.block_size > u64::from(MAX_BLOCK_SIZE) {
         return Err(corrupt(format!(
-            "block size {} is over the largest ferry reads ({MAX_BLOCK_SIZE})",
+            "block size {} is over the largest ferry reads ({MAX_BLOCK_SIZE} bytes)",
             hd.block_size
         )));
     }
+    // Bytes VirtualBox reserves in front of each block's data (VDICore.h: 0 or a power of two).
     if hd.block_extra != 0
         && (!hd.block_extra.is_power_of_two() || hd.block_extra > u64::from(MAX_BLOCK_SIZE))
     {
-        return Err(corrupt(format!("bad extra block size {}", hd.block_extra)));
+        return Err(corrupt(format!(
+            "{} extra bytes per block is neither 0 nor a power of two up to {MAX_BLOCK_SIZE}",
+            hd.block_extra
+        )));
     }
     if hd.disk_size == 0 || hd.blocks == 0 {
         return Err(corrupt(format!(
@@ -1159,6 +1165,38 @@ mod tests {
         let p = image("bsbig");
         patch(&p, O_CB_BLOCK as u64, &(1u32 << 31).to_le_bytes());
         assert_corrupt(&p, "largest");
+        let p = image("bs256");
+        patch(&p, O_CB_BLOCK as u64, &256u32.to_le_bytes());
+        assert_corrupt(&p, "at least 512");
+        let p = image("extra3");
+        patch(&p, O_CB_BLOCK_EXTRA as u64, &3u32.to_le_bytes());
+        assert_corrupt(&p, "extra bytes per block");
+        let p = image("extrabig");
+        patch(&p, O_CB_BLOCK_EXTRA as u64, &(1u32 << 31).to_le_bytes());
+        assert_corrupt(&p, "extra bytes per block");
+    }
+
+    #[test]
+    fn block_count_against_block_size() {
+        // 4 MiB disk: 64 blocks of 64 KiB would need a map the file holds, but 4 blocks of
+        // 64 KiB hold only 256 KiB of the disk.
+        let p = image("few");
+        patch(&p, O_CB_BLOCK as u64, &(64u32 << 10).to_le_bytes());
+        assert_corrupt(&p, "more than its 4 blocks of 65536 bytes hold");
+        // Blocks whose product with the block size overflows 32 bits: 2^31 blocks of 256 MiB
+        // (no overflow in u64), whose map alone is 8 GiB: refused before reading it.
+        let p = image("overflow");
+        patch(&p, O_CB_BLOCK as u64, &MAX_BLOCK_SIZE.to_le_bytes());
+        patch(&p, O_C_BLOCKS as u64, &(1u32 << 31).to_le_bytes());
+        patch(&p, O_CB_DISK as u64, &(1u64 << 58).to_le_bytes());
+        assert_corrupt(&p, "past the end of the file");
+        // A smaller block over the same map is fine: 4 MiB disk in 64 blocks of 64 KiB (the
+        // map's first 4 entries are the image's; the rest of its sector is zeros, i.e. slot 0
+        // again: a duplicate).
+        let p = image("small");
+        patch(&p, O_CB_BLOCK as u64, &(64u32 << 10).to_le_bytes());
+        patch(&p, O_C_BLOCKS as u64, &64u32.to_le_bytes());
+        assert_corrupt(&p, "also used by entry 0");
     }
 
     #[test]

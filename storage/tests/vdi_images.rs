@@ -996,3 +996,275 @@ fn vdi_partial_writes_allocate_sparse_blocks() {
     assert!(b[..5].iter().all(|&x| x == 9) && b[5..15].iter().all(|&x| x == 1));
     assert!(b[15..].iter().all(|&x| x == 9));
 }
+
+// Block sizes other than 1 MiB, and extra bytes before each block. VirtualBox takes the block
+// size from the header (`AllocationBlockSize` at creation); qemu opens only 1 MiB blocks, so
+// for the others an independent decoder below is the referee.
+
+/// Writes an empty dynamic (or, with `diff_of`, differencing) VDI by hand: `block` bytes per
+/// block with `extra` bytes in front of each, the map at 0x200 and the data area right after
+/// it on a sector boundary (as VirtualBox before 4.x laid images out).
+fn hand_vdi(path: &Path, size: u64, block: u32, extra: u32, diff_of: Option<Uuid>) {
+    let blocks = size.div_ceil(u64::from(block)) as u32;
+    let off_blocks = 0x200u32;
+    let off_data = (off_blocks + blocks * 4).next_multiple_of(512);
+    let mut h = vec![0u8; off_data as usize];
+    let put = |h: &mut Vec<u8>, at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    h[..40].copy_from_slice(b"<<< Oracle VM VirtualBox Disk Image >>>\n");
+    put(&mut h, 0x40, 0xBEDA_107F);
+    put(&mut h, 0x44, 0x0001_0001);
+    put(&mut h, 0x48, 0x190);
+    put(&mut h, 0x4C, if diff_of.is_some() { 4 } else { 1 });
+    put(&mut h, 0x154, off_blocks);
+    put(&mut h, 0x158, off_data);
+    put(&mut h, 0x15C + 12, 512);
+    h[0x170..0x178].copy_from_slice(&size.to_le_bytes());
+    put(&mut h, 0x178, block);
+    put(&mut h, 0x17C, extra);
+    put(&mut h, 0x180, blocks);
+    put(&mut h, 0x184, 0);
+    h[0x188..0x198].copy_from_slice(&Uuid::new_v4().to_bytes_le());
+    h[0x198..0x1A8].copy_from_slice(&Uuid::new_v4().to_bytes_le());
+    if let Some(p) = diff_of {
+        h[0x1A8..0x1B8].copy_from_slice(&p.to_bytes_le());
+    }
+    put(&mut h, 0x1C8 + 12, 512);
+    for i in 0..blocks as usize {
+        put(&mut h, off_blocks as usize + i * 4, BLOCK_FREE);
+    }
+    std::fs::write(path, &h).unwrap();
+}
+
+/// Reads a VDI without ferry, from the layout VirtualBox documents in VDICore.h: block `i`'s
+/// data lies at offData + map[i] * (cbBlockExtra + cbBlock) + cbBlockExtra. Returns the disk's
+/// bytes and the map.
+fn decode_vdi(bytes: &[u8]) -> (Vec<u8>, Vec<u32>) {
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    let size = u64::from_le_bytes(bytes[0x170..0x178].try_into().unwrap()) as usize;
+    let (off_blocks, off_data) = (u32_at(0x154) as usize, u32_at(0x158) as usize);
+    let (block, extra, blocks) = (
+        u32_at(0x178) as usize,
+        u32_at(0x17C) as usize,
+        u32_at(0x180) as usize,
+    );
+    let map: Vec<u32> = (0..blocks).map(|i| u32_at(off_blocks + i * 4)).collect();
+    let allocated = map.iter().filter(|&&e| e < BLOCK_ZERO).count() as u32;
+    assert_eq!(u32_at(0x184), allocated, "header's allocated count");
+    let mut out = vec![0u8; size];
+    for (i, &e) in map.iter().enumerate() {
+        if e >= BLOCK_ZERO {
+            continue;
+        }
+        let at = off_data + e as usize * (extra + block) + extra;
+        let n = block.min(size - i * block);
+        // A block the file does not reach yet (a hole at its end) reads as zeros.
+        let have = bytes.len().saturating_sub(at).min(n);
+        out[i * block..i * block + have].copy_from_slice(&bytes[at..at + have]);
+    }
+    (out, map)
+}
+
+/// Random writes sized to the block: inside a block, across block boundaries, whole blocks,
+/// zeros, and the last sector.
+fn block_workload(layer: &dyn Layer, model: &mut [u8], bs: u64, seed: u64, count: usize) {
+    let mut rng = Rng(seed);
+    let size = model.len() as u64;
+    let blocks = size.div_ceil(bs);
+    for i in 0..count {
+        let (off, len) = match i % 6 {
+            0 => (size - 512, 512),
+            1 if blocks > 1 => {
+                let b = 1 + rng.below(blocks - 1);
+                (b * bs - 1 - rng.below(bs.min(4000)), 1 + rng.below(2 * bs))
+            }
+            2 => (rng.below(blocks) * bs, bs),
+            3 => (rng.below(size), 1 + rng.below(3 * bs)),
+            _ => (rng.below(size), 1 + rng.below(bs.min(20_000))),
+        };
+        let len = len.min(size - off);
+        let mut buf = vec![0u8; len as usize];
+        if i % 7 != 4 {
+            rng.fill(&mut buf);
+        }
+        layer.write_at(&buf, off, &NoLowerLayers).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+    }
+}
+
+/// Ranges of the map's allocated blocks, merged (what `allocated_ranges` must say).
+fn map_ranges(map: &[u32], bs: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &e) in map.iter().enumerate() {
+        if e >= BLOCK_ZERO {
+            continue;
+        }
+        let (s, n) = (i as u64 * bs, bs.min(size - i as u64 * bs));
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll == s => *ll += n,
+            _ => out.push((s, n)),
+        }
+    }
+    out
+}
+
+#[test]
+fn vdi_block_sizes_from_the_header() {
+    let dir = scratch("blocksize");
+    // (block, extra): 512 bytes (the smallest), 64 KiB, 1 MiB (qemu-img referees), 4 MiB
+    // (the disk's size not a multiple of it), and extra bytes before each block.
+    for (block, extra) in [
+        (512u32, 0u32),
+        (64 << 10, 0),
+        (1 << 20, 0),
+        (4 << 20, 0),
+        (64 << 10, 4096),
+        (4 << 20, 512),
+    ] {
+        let bs = u64::from(block);
+        let size = 13 * MIB + 3 * 512;
+        let name = format!("b{block}-x{extra}");
+        let path = dir.join(format!("{name}.vdi"));
+        hand_vdi(&path, size, block, extra, None);
+        let layer = VdiFormat.open(&path, true).unwrap();
+        assert_eq!(layer.virtual_size(), size, "{name}");
+        let mut model = vec![0u8; size as usize];
+        block_workload(&*layer, &mut model, bs, u64::from(block) ^ 77, 80);
+        assert_eq!(read_all(&*layer), model, "{name}: read back");
+        // The allocated-ranges query follows the map, block by block.
+        layer.flush().unwrap();
+        let (on_disk, map) = decode_vdi(&std::fs::read(&path).unwrap());
+        assert_eq!(on_disk, model, "{name}: decoded without ferry");
+        let disk = Disk::from_layers(vec![layer]).unwrap();
+        let want = map_ranges(&map, bs, size);
+        assert!(!want.is_empty());
+        assert_eq!(disk.allocated_ranges().unwrap(), want, "{name}: ranges");
+        let layer = disk.into_layers().remove(0);
+        for (i, &e) in map.iter().enumerate() {
+            let off = i as u64 * bs;
+            let (state, n) = layer.block_status(off, bs.min(size - off)).unwrap();
+            let expect = if e < BLOCK_ZERO {
+                Allocation::Data
+            } else {
+                Allocation::Unallocated
+            };
+            assert_eq!(
+                (state, n),
+                (expect, bs.min(size - off)),
+                "{name}: block {i}"
+            );
+        }
+        // Slots are dense: the file ends right after the last block.
+        let slots = map.iter().filter(|&&e| e < BLOCK_ZERO).count() as u64;
+        let off_data = (0x200 + map.len() as u64 * 4).next_multiple_of(512);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, off_data + slots * (bs + u64::from(extra)), "{name}");
+
+        // Discard: a whole block that is not the last slot reads as zeros and keeps its slot;
+        // the last slot is unmapped and the file shrinks by one block and its extra bytes; a
+        // range covering no whole block changes nothing.
+        let last_slot = slots as u32 - 1;
+        let last = map.iter().position(|&e| e == last_slot).unwrap() as u64;
+        let other = map
+            .iter()
+            .position(|&e| e < last_slot)
+            .map(|i| i as u64)
+            .unwrap();
+        let block_len = |i: u64| bs.min(size - i * bs);
+        layer.discard(other * bs + 1, block_len(other)).unwrap();
+        let mut b = vec![0u8; block_len(other) as usize];
+        layer.read_at(&mut b, other * bs).unwrap();
+        assert_eq!(
+            b,
+            model[(other * bs) as usize..(other * bs + block_len(other)) as usize],
+            "{name}: a partial discard keeps the data"
+        );
+        layer.discard(other * bs, block_len(other)).unwrap();
+        model[(other * bs) as usize..(other * bs + block_len(other)) as usize].fill(0);
+        layer.discard(last * bs, block_len(last)).unwrap();
+        model[(last * bs) as usize..(last * bs + block_len(last)) as usize].fill(0);
+        assert_eq!(
+            layer.block_status(last * bs, block_len(last)).unwrap(),
+            (Allocation::Unallocated, block_len(last)),
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len - bs - u64::from(extra),
+            "{name}: discarding the last slot shrinks the file"
+        );
+        assert_eq!(read_all(&*layer), model, "{name}: after discard");
+        // The freed slot is taken again by the next new block.
+        let at = last * bs + block_len(last) - 300;
+        layer.write_at(&[0xA5; 300], at, &NoLowerLayers).unwrap();
+        model[at as usize..(at + 300) as usize].fill(0xA5);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "{name}");
+        layer.flush().unwrap();
+        drop(layer);
+
+        // Reopened: the same bytes, through ferry and through the independent decoder.
+        let again = VdiFormat.open(&path, false).unwrap();
+        assert_eq!(read_all(&*again), model, "{name}: reopened");
+        let (on_disk, _) = decode_vdi(&std::fs::read(&path).unwrap());
+        assert_eq!(on_disk, model, "{name}: decoded after reopen");
+        let raw = dir.join(format!("{name}.raw"));
+        std::fs::write(&raw, &model).unwrap();
+        if block == 1 << 20 && extra == 0 {
+            check_writer(&path, &raw);
+        } else if have_qemu_img() && extra == 0 {
+            // qemu's vdi driver opens 1 MiB blocks only (block/vdi.c, whatever the build).
+            let out = Command::new("qemu-img")
+                .args(["info", "-f", "vdi"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{name}: qemu-img now opens it");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(text.contains("block size"), "{name}: {text}");
+        }
+    }
+}
+
+/// Copy-on-write and zero blocks in a differencing image with small and large blocks: a new
+/// block takes the rest of its bytes from the parent, exactly one block's worth.
+#[test]
+fn vdi_differencing_with_other_block_sizes() {
+    let dir = scratch("diffblock");
+    for block in [64u32 << 10, 4 << 20] {
+        let bs = u64::from(block);
+        let size = 13 * MIB;
+        let path = dir.join(format!("child-{block}.vdi"));
+        hand_vdi(&path, size, block, 0, Some(Uuid::new_v4()));
+        let layer = VdiFormat.open(&path, true).unwrap();
+        assert!(layer.parent().is_some());
+        // 10 bytes inside block 1: the rest of block 1 is the parent's (9s), nothing else.
+        layer.write_at(&[1u8; 10], bs + 5, &Fill(9)).unwrap();
+        let mut b = vec![0u8; 3 * bs as usize];
+        layer.read_at(&mut b, 0).unwrap();
+        let bsu = bs as usize;
+        assert!(b[..bsu].iter().all(|&x| x == 0), "block 0 untouched");
+        assert!(b[bsu..bsu + 5].iter().all(|&x| x == 9));
+        assert!(b[bsu + 5..bsu + 15].iter().all(|&x| x == 1));
+        assert!(b[bsu + 15..2 * bsu].iter().all(|&x| x == 9));
+        assert!(b[2 * bsu..].iter().all(|&x| x == 0), "block 2 untouched");
+        assert_eq!(
+            layer.block_status(0, 3 * bs).unwrap(),
+            (Allocation::Unallocated, bs)
+        );
+        assert_eq!(
+            layer.block_status(bs, 2 * bs).unwrap(),
+            (Allocation::Data, bs)
+        );
+        // Zeros over a whole block hide the parent without taking space.
+        layer.write_at(&vec![0u8; bsu], 2 * bs, &Fill(9)).unwrap();
+        assert_eq!(
+            layer.block_status(2 * bs, bs).unwrap(),
+            (Allocation::Zero, bs)
+        );
+        drop(layer);
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, map) = decode_vdi(&bytes);
+        assert_eq!(&map[..3], &[BLOCK_FREE, 0, BLOCK_ZERO]);
+        let off_data = (0x200 + map.len() as u64 * 4).next_multiple_of(512);
+        assert_eq!(bytes.len() as u64, off_data + bs, "one block allocated");
+    }
+}

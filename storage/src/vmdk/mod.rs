@@ -1,5 +1,6 @@
 //! VMDK images: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat, streamOptimized
-//! and ESX flat (vmfs) descriptors; differencing children by parentCID/parentFileNameHint.
+//! and ESX flat (vmfs) descriptors; differencing children by parentCID/parentFileNameHint; ESX
+//! snapshot extents (vmfsSparse "COWD", seSparse) read-only, see [`esx`].
 //!
 //! Layout facts from VMware's Virtual Disk Format 5.0 and QEMU's/VirtualBox's readers. A sparse
 //! extent is a header ("KDMV"), an optional embedded descriptor, a grain directory (GD) of
@@ -12,6 +13,7 @@
 //! zeros: the file is extended over it (a hole) and only the guest's bytes are written.
 
 pub mod descriptor;
+pub mod esx;
 pub mod sparse;
 
 use std::path::{Path, PathBuf};
@@ -23,12 +25,11 @@ use crate::error::{Result, StorageError};
 use crate::host_file::{HostFile, LocalFile};
 use crate::layer::*;
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR};
+use esx::{EsxSparse, COWD_MAGIC, SESPARSE_MAGIC};
 use sparse::{Sparse, SECTOR};
 
 pub struct VmdkFormat;
 
-/// VMDK3 / ESX 2 sparse extents: recognized so they get a clear refusal.
-const COWD: &[u8] = b"COWD";
 const DESC_MAGIC: &str = "# Disk DescriptorFile";
 /// Extents of the twoGbMaxExtent variants are 2 GiB.
 const SPLIT_SECTORS: u64 = 4 << 20;
@@ -39,7 +40,7 @@ impl ImageFormat for VmdkFormat {
     }
 
     fn probe(&self, _path: &Path, head: &[u8]) -> bool {
-        if head.starts_with(sparse::MAGIC) || head.starts_with(COWD) {
+        if head.starts_with(sparse::MAGIC) || head.starts_with(COWD_MAGIC) {
             return true;
         }
         let text = String::from_utf8_lossy(&head[..head.len().min(1024)]);
@@ -75,6 +76,8 @@ enum Data {
     Zero,
     /// Index into `Inner::sparse`.
     Sparse(usize),
+    /// Index into `Inner::esx` (read-only).
+    Esx(usize),
 }
 
 struct Extent {
@@ -94,6 +97,7 @@ enum DescLoc {
 
 struct Inner {
     sparse: Vec<Sparse>,
+    esx: Vec<EsxSparse>,
     desc: Option<Descriptor>,
     /// A write happened since open: the next flush writes the descriptor with `cid`.
     cid_dirty: bool,
@@ -185,30 +189,69 @@ fn relative_to(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
+/// The first four bytes of an extent file (its magic).
+fn magic(file: &Arc<dyn HostFile>) -> Result<[u8; 4]> {
+    let mut head = [0u8; 4];
+    let len = file.len().map_err(|e| StorageError::io(file.path(), e))?;
+    if len >= 4 {
+        file.read_at(&mut head, 0)
+            .map_err(|e| StorageError::io(file.path(), e))?;
+    }
+    Ok(head)
+}
+
+fn read_only_extent(path: &Path, kind: &str) -> StorageError {
+    StorageError::Unsupported {
+        path: path.into(),
+        detail: format!(
+            "{kind} extents (ESX snapshots) can only be read; attach the disk read-only (mtype=readonly or immutable)"
+        ),
+    }
+}
+
+/// Checks that an ESX extent holds the sectors its descriptor line gives it.
+fn esx_extent(p: &Path, esx: EsxSparse, len: u64, desc: &Path) -> Result<EsxSparse> {
+    if esx.capacity_bytes() < len {
+        return Err(StorageError::corrupt(
+            p,
+            format!(
+                "the extent holds {} sectors, but the descriptor {} gives it {}",
+                esx.capacity_bytes() / SECTOR,
+                desc.display(),
+                len / SECTOR
+            ),
+        ));
+    }
+    Ok(esx)
+}
+
 impl VmdkLayer {
     /// Opens the image whose main file (descriptor or monolithic sparse file) is `main`;
     /// extent files named by a descriptor are opened beside it.
     pub fn open_file(main: Arc<dyn HostFile>, writable: bool) -> Result<Self> {
         let path = main.path().to_path_buf();
         let len = main.len().map_err(|e| StorageError::io(&path, e))?;
-        let mut head = [0u8; 4];
-        main.read_at(&mut head, 0)
-            .map_err(|e| StorageError::io(&path, e))?;
         if len < 4 {
             return Err(StorageError::corrupt(
                 &path,
                 format!("truncated: {len} bytes is not a VMDK image"),
             ));
         }
-        if head == COWD {
+        let mut head = [0u8; 8];
+        let n = len.min(8) as usize;
+        main.read_at(&mut head[..n], 0)
+            .map_err(|e| StorageError::io(&path, e))?;
+        if head[..4] == *COWD_MAGIC {
+            return Self::open_cowd_main(main, writable);
+        }
+        if head == SESPARSE_MAGIC {
+            // Its size, parent and CID live in the descriptor that names it.
             return Err(StorageError::Unsupported {
                 path,
-                detail:
-                    "VMDK3 (COWD, ESX 2 / VMware Workstation 3) sparse extents are not supported"
-                        .into(),
+                detail: "this is the data file of an ESXi seSparse snapshot; open the .vmdk descriptor that names it instead".into(),
             });
         }
-        if &head == sparse::MAGIC {
+        if head[..4] == *sparse::MAGIC {
             Self::open_sparse_main(main, writable)
         } else {
             Self::open_descriptor_file(main, writable, len)
@@ -280,6 +323,35 @@ impl VmdkLayer {
         )
     }
 
+    /// A COWD file on its own: one extent, no descriptor, no parent (a child's unallocated
+    /// grains read as zeros, as in QEMU).
+    fn open_cowd_main(main: Arc<dyn HostFile>, writable: bool) -> Result<Self> {
+        let path = main.path().to_path_buf();
+        if writable {
+            return Err(read_only_extent(&path, "COWD (vmfsSparse)"));
+        }
+        let esx = EsxSparse::open_cowd(main.clone())?;
+        let extents = vec![Extent {
+            start: 0,
+            len: esx.capacity_bytes(),
+            access: Access::RdOnly,
+            data: Data::Esx(0),
+            path: path.clone(),
+        }];
+        let mut layer = Self::finish(
+            main,
+            false,
+            None,
+            DescLoc::None,
+            "vmfsSparse".into(),
+            extents,
+            Vec::new(),
+            vec![path],
+        )?;
+        layer.inner.get_mut().unwrap_or_else(|p| p.into_inner()).esx = vec![esx];
+        Ok(layer)
+    }
+
     fn open_descriptor_file(main: Arc<dyn HostFile>, writable: bool, len: u64) -> Result<Self> {
         let path = main.path().to_path_buf();
         if len > MAX_DESCRIPTOR as u64 {
@@ -303,6 +375,7 @@ impl VmdkLayer {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut extents = Vec::new();
         let mut sparse = Vec::new();
+        let mut esx = Vec::new();
         let mut files = vec![path.clone()];
         let mut start = 0u64;
         for e in &desc.extents {
@@ -362,34 +435,46 @@ impl VmdkLayer {
                     }
                     Data::Flat { file, offset }
                 }
-                (ExtentType::Sparse, Some(p)) => {
-                    let sp = Sparse::open(open(p)?)?;
-                    if sp.capacity_bytes() < len {
-                        return Err(StorageError::corrupt(
-                            p,
-                            format!(
-                                "the sparse extent holds {} sectors, but the descriptor {} gives it {}",
-                                sp.header.capacity,
-                                path.display(),
-                                e.sectors
-                            ),
-                        ));
+                (ExtentType::SeSparse, Some(p)) => {
+                    if rw {
+                        return Err(read_only_extent(p, "seSparse"));
                     }
-                    if sp.is_compressed() && rw {
-                        return Err(StorageError::Unsupported {
-                            path: p.clone(),
-                            detail: "writing a compressed extent named by a separate descriptor"
-                                .into(),
-                        });
-                    }
-                    sparse.push(sp);
-                    Data::Sparse(sparse.len() - 1)
+                    esx.push(esx_extent(p, EsxSparse::open_se(open(p)?)?, len, &path)?);
+                    Data::Esx(esx.len() - 1)
                 }
-                (ExtentType::VmfsSparse | ExtentType::SeSparse, _) => {
-                    return Err(StorageError::Unsupported {
-                        path: path.clone(),
-                        detail: format!("{:?} extents (ESXi snapshots) are not supported", e.kind),
-                    })
+                // QEMU reads both extent types by the file's magic: KDMV or COWD.
+                (ExtentType::Sparse | ExtentType::VmfsSparse, Some(p)) => {
+                    let file = open(p)?;
+                    if magic(&file)? == *COWD_MAGIC {
+                        if rw {
+                            return Err(read_only_extent(p, "COWD (vmfsSparse)"));
+                        }
+                        esx.push(esx_extent(p, EsxSparse::open_cowd(file)?, len, &path)?);
+                        Data::Esx(esx.len() - 1)
+                    } else {
+                        let sp = Sparse::open(file)?;
+                        if sp.capacity_bytes() < len {
+                            return Err(StorageError::corrupt(
+                                p,
+                                format!(
+                                    "the sparse extent holds {} sectors, but the descriptor {} gives it {}",
+                                    sp.header.capacity,
+                                    path.display(),
+                                    e.sectors
+                                ),
+                            ));
+                        }
+                        if sp.is_compressed() && rw {
+                            return Err(StorageError::Unsupported {
+                                path: p.clone(),
+                                detail:
+                                    "writing a compressed extent named by a separate descriptor"
+                                        .into(),
+                            });
+                        }
+                        sparse.push(sp);
+                        Data::Sparse(sparse.len() - 1)
+                    }
                 }
                 (_, None) => {
                     return Err(StorageError::corrupt(
@@ -416,7 +501,7 @@ impl VmdkLayer {
             .get("createType")
             .unwrap_or("monolithicFlat")
             .to_string();
-        Self::finish(
+        let mut layer = Self::finish(
             main,
             writable,
             Some(desc),
@@ -425,7 +510,9 @@ impl VmdkLayer {
             extents,
             sparse,
             files,
-        )
+        )?;
+        layer.inner.get_mut().unwrap_or_else(|p| p.into_inner()).esx = esx;
+        Ok(layer)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -478,6 +565,7 @@ impl VmdkLayer {
             desc_loc,
             inner: Mutex::new(Inner {
                 sparse,
+                esx: Vec::new(),
                 desc,
                 cid_dirty: false,
                 cid,
@@ -740,7 +828,10 @@ impl Layer for VmdkLayer {
                 out.push(file.clone());
             }
         }
-        out.extend(self.lock().sparse.iter().map(|s| s.file.clone()));
+        let inner = self.lock();
+        out.extend(inner.sparse.iter().map(|s| s.file.clone()));
+        out.extend(inner.esx.iter().map(|s| s.file.clone()));
+        drop(inner);
         // A monolithic sparse image's main file is its only extent: list it once.
         let mut seen = Vec::new();
         out.retain(|f| {
@@ -780,6 +871,10 @@ impl Layer for VmdkLayer {
                 let (a, n) = self.lock().sparse[*i].status(rel, max)?;
                 Ok((a, n.clamp(1, max)))
             }
+            Data::Esx(i) => {
+                let (a, n) = self.lock().esx[*i].status(rel, max)?;
+                Ok((a, n.clamp(1, max)))
+            }
         }
     }
 
@@ -798,6 +893,7 @@ impl Layer for VmdkLayer {
                     .map_err(|err| StorageError::io(&e.path, err))?,
                 Data::Zero => part.fill(0),
                 Data::Sparse(i) => self.lock().sparse[*i].read(part, rel)?,
+                Data::Esx(i) => self.lock().esx[*i].read(part, rel)?,
             }
             done += n;
         }
@@ -836,7 +932,7 @@ impl Layer for VmdkLayer {
                 Data::Flat { file, offset } => file
                     .write_at(part, offset + rel)
                     .map_err(|err| StorageError::io(&e.path, err))?,
-                Data::Zero => {
+                Data::Zero | Data::Esx(_) => {
                     return Err(StorageError::ReadOnly {
                         path: e.path.clone(),
                     })

@@ -25,9 +25,9 @@ pub const MARKER_FOOTER: u32 = 3;
 /// Largest extent VMDK describes (2 TiB).
 pub const MAX_EXTENT_SECTORS: u64 = 1 << 32;
 /// Largest grain ferry accepts (64 MiB; real images use 64 KiB).
-const MAX_GRAIN_SECTORS: u64 = 1 << 17;
+pub(super) const MAX_GRAIN_SECTORS: u64 = 1 << 17;
 /// Grain tables kept in memory before the cache is dropped and refilled.
-const GT_CACHE_LIMIT: usize = 64 << 20;
+pub(super) const GT_CACHE_LIMIT: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {

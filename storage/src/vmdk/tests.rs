@@ -266,7 +266,7 @@ fn out_of_range_and_read_only_are_errors() {
 }
 
 #[test]
-fn cowd_is_recognized_and_refused() {
+fn cowd_of_unknown_version_is_recognized_and_refused() {
     let p = dir("cowd").join("old.vmdk");
     let mut b = b"COWD".to_vec();
     b.resize(2048, 0);
