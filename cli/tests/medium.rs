@@ -384,3 +384,48 @@ fn kill_9_leaves_the_source_intact() {
     assert!(content(&src) == want);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `create B.hdd --parent B.hdd` adds a snapshot inside a Parallels bundle: same content,
+/// a second level, and the descriptor names the new top.
+#[test]
+fn parallels_bundle_snapshot_from_the_command_line() {
+    let dir = scratch("hdd").join("b.hdd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let top = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+    image(&dir.join("b.hds"), FormatKind::Parallels, 4 * MIB, 2 * MIB);
+    std::fs::write(
+        dir.join("DiskDescriptor.xml"),
+        format!(
+            "<Parallels_disk_image Version=\"1.0\"><Disk_Parameters><Disk_size>8192</Disk_size>\
+             <Padding>0</Padding></Disk_Parameters><StorageData><Storage><Start>0</Start>\
+             <End>8192</End><Image><GUID>{top}</GUID><Type>Compressed</Type><File>b.hds</File>\
+             </Image></Storage></StorageData><Snapshots><Shot><GUID>{top}</GUID>\
+             <ParentGUID>{{00000000-0000-0000-0000-000000000000}}</ParentGUID></Shot></Snapshots>\
+             </Parallels_disk_image>"
+        ),
+    )
+    .unwrap();
+    let before = content(&dir);
+    let other = dir.parent().unwrap().join("c.hdd");
+    for args in [
+        vec!["medium", "create", p(&other), "--parent", p(&dir)],
+        vec![
+            "medium",
+            "create",
+            p(&dir),
+            "--parent",
+            p(&dir),
+            "--size",
+            "1M",
+        ],
+    ] {
+        assert_one_sentence(&ferry(&args), &format!("{args:?}"));
+    }
+    let o = ferry(&["medium", "create", p(&dir), "--parent", p(&dir)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("created "));
+    let xml = std::fs::read_to_string(dir.join("DiskDescriptor.xml")).unwrap();
+    assert_eq!(xml.matches("<Shot>").count(), 2);
+    assert_eq!(xml.matches("<TopGUID>").count(), 1);
+    assert!(content(&dir) == before);
+}

@@ -303,11 +303,23 @@ fn bundle_errors() {
     );
     assert!(e.to_string().contains("no image for snapshot"), "{e}");
 
+    // Padded: the images must hold the padding too, and these hold only Disk_size.
     let e = bundle_err(
         &d,
         &bundle_xml(sectors, &one, &(shot(TOP, BASE) + &shot(BASE, NIL)), 1),
     );
-    assert!(matches!(e, StorageError::Unsupported { .. }), "{e}");
+    assert!(
+        matches!(&e, StorageError::Corrupt { path, detail } if path.ends_with("top.hds") && detail.contains(&format!("range {} bytes", 4 * MIB + 512))),
+        "{e}"
+    );
+    let e = bundle_err(
+        &d,
+        &bundle_xml(sectors, &one, &shot(TOP, NIL), u64::MAX as u32),
+    );
+    assert!(
+        e.to_string().contains("short of") || e.to_string().contains("holds"),
+        "{e}"
+    );
 
     let e = bundle_err(
         &d,

@@ -9,7 +9,8 @@ use super::{size_arg, CliResult, FormatArg, VariantArg};
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// The new image (an existing file is never overwritten).
+    /// The new image (an existing file is never overwritten). For a snapshot of a Parallels
+    /// .hdd bundle, the bundle itself, also given as --parent.
     file: PathBuf,
     /// Image format (default: the parent's with --parent).
     #[arg(long, value_enum)]
@@ -20,13 +21,23 @@ pub struct CreateArgs {
     /// Virtual size, e.g. 20G (default: the parent's with --parent).
     #[arg(long, value_parser = size_arg)]
     size: Option<u64>,
-    /// Make a differencing child of this image.
+    /// Make a differencing child of this image. A Parallels .hdd bundle keeps its snapshots
+    /// inside: `create disk.hdd --parent disk.hdd` adds one, which becomes the bundle's
+    /// current state (the old state is kept, read-only, below it).
     #[arg(long)]
     parent: Option<PathBuf>,
 }
 
+/// `FILE` and `--parent` name one Parallels bundle (its folder or its descriptor).
+fn bundle_snapshot(a: &CreateArgs) -> bool {
+    let dir = ferry_storage::parallels::bundle_dir;
+    a.parent
+        .as_ref()
+        .is_some_and(|p| dir(&a.file).is_some_and(|d| Some(d) == dir(p)))
+}
+
 pub fn run(a: CreateArgs) -> CliResult {
-    if a.file.exists() {
+    if a.file.exists() && !bundle_snapshot(&a) {
         return Err(StorageError::Invalid(format!(
             "{} already exists; ferry does not overwrite images with create",
             a.file.display()

@@ -257,6 +257,17 @@ impl ParallelsImage {
     /// unless the disk needs more than 2^32 sectors, then "WithouFreSpacExt". `Fixed`
     /// allocates and zero-fills every cluster.
     pub fn create(file: Arc<dyn HostFile>, size: u64, variant: Variant) -> Result<Self> {
+        Self::create_with_cluster(file, size, variant, DEFAULT_CLUSTER)
+    }
+
+    /// As [`create`](Self::create), with `cluster` bytes per cluster (a bundle's snapshot
+    /// takes its storage's `Blocksize`).
+    pub fn create_with_cluster(
+        file: Arc<dyn HostFile>,
+        size: u64,
+        variant: Variant,
+        cluster: u64,
+    ) -> Result<Self> {
         let path = file.path().to_path_buf();
         let inval = |d: &str| StorageError::Unsupported {
             path: path.clone(),
@@ -269,15 +280,20 @@ impl ParallelsImage {
         if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(inval("size must be a non-zero multiple of 512 bytes"));
         }
-        let tracks = DEFAULT_CLUSTER / SECTOR;
+        if cluster == 0 || !cluster.is_multiple_of(SECTOR) || cluster > MAX_WRITE_CLUSTER {
+            return Err(inval(
+                "cluster size must be a multiple of 512 bytes up to 64 MiB",
+            ));
+        }
+        let tracks = cluster / SECTOR;
         let nb_sectors = size / SECTOR;
         let ext_magic = nb_sectors > u32::MAX as u64;
-        let bat_entries = size.div_ceil(DEFAULT_CLUSTER);
+        let bat_entries = size.div_ceil(cluster);
         if bat_entries > u32::MAX as u64 {
             return Err(inval("size too large for a Parallels image"));
         }
         let bat_bytes = HEADER_SIZE + 4 * bat_entries;
-        let data_off = bat_bytes.div_ceil(DEFAULT_CLUSTER) * tracks;
+        let data_off = bat_bytes.div_ceil(cluster) * tracks;
         if !ext_magic
             && (data_off + bat_entries * tracks) > u32::MAX as u64
             && variant == Variant::Fixed
@@ -297,7 +313,7 @@ impl ParallelsImage {
         let io = |e| StorageError::io(&path, e);
         file.set_len(data_off * SECTOR).map_err(io)?;
         if variant == Variant::Fixed {
-            let zeros = vec![0u8; DEFAULT_CLUSTER as usize];
+            let zeros = vec![0u8; cluster as usize];
             for i in 0..bat_entries {
                 file.write_at(&zeros, (data_off + i * tracks) * SECTOR)
                     .map_err(io)?;
