@@ -33,6 +33,7 @@ integration:
 # Benchmarks print ratios against QEMU; they are not tests.
 bench: deps
 	tests/bench/boot/run.sh
+	tests/bench/boot/run.sh --bios
 	tests/bench/formats/run.sh
 	tests/bench/io/run.sh
 	tests/bench/medium/run.sh
