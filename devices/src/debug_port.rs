@@ -8,8 +8,43 @@ const READBACK: u8 = 0xe9;
 /// A line longer than this is handed on in pieces (a guest may never send a newline).
 const MAX_LINE: usize = 1024;
 
-pub struct DebugPort {
+/// Bytes of text, a line at a time: CR is dropped, LF ends a line, and a line that reaches
+/// `MAX_LINE` bytes is handed on in pieces (a guest may never send a newline).
+#[derive(Default)]
+pub struct LineAssembler {
     line: Vec<u8>,
+}
+
+impl LineAssembler {
+    /// Takes one byte; returns the line it completes, without its ending, as (lossy) UTF-8.
+    pub fn push(&mut self, b: u8) -> Option<String> {
+        match b {
+            b'\n' => return Some(self.take_line()),
+            b'\r' => {}
+            _ => {
+                self.line.push(b);
+                if self.line.len() >= MAX_LINE {
+                    return Some(self.take_line());
+                }
+            }
+        }
+        None
+    }
+
+    /// What is left of an unfinished line, if anything.
+    pub fn rest(&mut self) -> Option<String> {
+        (!self.line.is_empty()).then(|| self.take_line())
+    }
+
+    fn take_line(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.line).into_owned();
+        self.line.clear();
+        text
+    }
+}
+
+pub struct DebugPort {
+    lines: LineAssembler,
     sink: Box<dyn FnMut(&str) + Send>,
 }
 
@@ -17,35 +52,16 @@ impl DebugPort {
     /// `sink` gets each line, without its line ending, as (lossy) UTF-8.
     pub fn new(sink: Box<dyn FnMut(&str) + Send>) -> Self {
         Self {
-            line: Vec::new(),
+            lines: LineAssembler::default(),
             sink,
         }
-    }
-
-    fn push(&mut self, b: u8) {
-        match b {
-            b'\n' => self.emit(),
-            b'\r' => {}
-            _ => {
-                self.line.push(b);
-                if self.line.len() >= MAX_LINE {
-                    self.emit();
-                }
-            }
-        }
-    }
-
-    fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line).into_owned();
-        self.line.clear();
-        (self.sink)(&text);
     }
 }
 
 impl Drop for DebugPort {
     fn drop(&mut self) {
-        if !self.line.is_empty() {
-            self.emit();
+        if let Some(line) = self.lines.rest() {
+            (self.sink)(&line);
         }
     }
 }
@@ -60,8 +76,8 @@ impl crate::BusDevice for DebugPort {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         // Only the low byte of a wider write is a character, as on QEMU.
-        if let Some(&b) = data.first() {
-            self.push(b);
+        if let Some(line) = data.first().and_then(|&b| self.lines.push(b)) {
+            (self.sink)(&line);
         }
     }
 }

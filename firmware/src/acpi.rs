@@ -405,28 +405,30 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, p: &AcpiPlatform) -> Result<u64,
     Ok(addrs[RSDP_FILE])
 }
 
+/// A PC platform as the vmm describes it, for this crate's tests.
+#[cfg(test)]
+pub(crate) fn test_platform(cpus: u8) -> AcpiPlatform {
+    AcpiPlatform {
+        cpus,
+        pm1_evt_blk: 0x600,
+        pm1_evt_len: 4,
+        pm1_cnt_blk: 0x604,
+        pm1_cnt_len: 2,
+        pm_tmr_blk: 0x608,
+        sci_irq: 9,
+        s5_slp_typ: 5,
+        reset_port: 0xcf9,
+        reset_value: 6,
+        century_cmos_index: 0x32,
+        pvpanic_port: 0x505,
+        pci_mmio32_start: 0x8000_0000,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::table_loader::LoaderCommand;
-
-    fn platform(cpus: u8) -> AcpiPlatform {
-        AcpiPlatform {
-            cpus,
-            pm1_evt_blk: 0x600,
-            pm1_evt_len: 4,
-            pm1_cnt_blk: 0x604,
-            pm1_cnt_len: 2,
-            pm_tmr_blk: 0x608,
-            sci_irq: 9,
-            s5_slp_typ: 5,
-            reset_port: 0xcf9,
-            reset_value: 6,
-            century_cmos_index: 0x32,
-            pvpanic_port: 0x505,
-            pci_mmio32_start: 0x8000_0000,
-        }
-    }
 
     fn checksum_ok(t: &[u8]) -> bool {
         t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
@@ -444,7 +446,7 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp_addr = write_acpi_tables(&mem, &platform(4)).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, &test_platform(4)).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
@@ -515,7 +517,7 @@ mod tests {
     /// segment, then follows the pointers in the patched blobs.
     #[test]
     fn loader_script_places_and_links_the_tables() {
-        let files = acpi_files(&platform(2));
+        let files = acpi_files(&test_platform(2));
         let script = TableLoader::parse(&files.loader.to_bytes()).unwrap();
         assert_eq!(script, files.loader);
         // Every file is allocated before it is used, the RSDP in the F segment.

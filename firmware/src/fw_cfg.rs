@@ -123,24 +123,6 @@ mod tests {
     use crate::boot_path::{ahci_disk_path, virtio_scsi_disk_path};
     use crate::layout::{FOUR_GIB, PCI_HOLE_START};
 
-    fn platform() -> AcpiPlatform {
-        AcpiPlatform {
-            cpus: 3,
-            pm1_evt_blk: 0x600,
-            pm1_evt_len: 4,
-            pm1_cnt_blk: 0x604,
-            pm1_cnt_len: 2,
-            pm_tmr_blk: 0x608,
-            sci_irq: 9,
-            s5_slp_typ: 5,
-            reset_port: 0xcf9,
-            reset_value: 6,
-            century_cmos_index: 0x32,
-            pvpanic_port: 0x505,
-            pci_mmio32_start: 0x8000_0000,
-        }
-    }
-
     fn find(v: &[(FwCfgKey, Vec<u8>)], key: FwCfgKey) -> Option<&[u8]> {
         v.iter().find(|(k, _)| *k == key).map(|(_, d)| d.as_slice())
     }
@@ -152,7 +134,7 @@ mod tests {
     #[test]
     fn items_and_files_have_qemus_sizes() {
         let mem = MemoryMap::new(5 << 30).unwrap();
-        let acpi = platform();
+        let acpi = crate::acpi::test_platform(3);
         let uuid: [u8; 16] = core::array::from_fn(|i| i as u8);
         let spec = BiosSpec {
             uuid,
@@ -228,7 +210,7 @@ mod tests {
     #[test]
     fn optional_files_are_left_out() {
         let mem = MemoryMap::new(256 << 20).unwrap();
-        let acpi = platform();
+        let acpi = crate::acpi::test_platform(3);
         let v = bios_config(&BiosSpec {
             uuid: [0; 16],
             memory: &mem,

@@ -143,7 +143,7 @@ impl TableLoader {
         }
         let mut commands = Vec::new();
         for e in bytes.chunks_exact(ENTRY_SIZE) {
-            let u32_at = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().unwrap());
+            let u32_at = |o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
             match u32_at(0) {
                 CMD_ALLOCATE => commands.push(LoaderCommand::Allocate {
                     file: get_name(&e[4..60])?,

@@ -23,7 +23,7 @@ use ferry_devices::acpi_pm::{self, AcpiPm};
 use ferry_devices::bus::lock;
 use ferry_devices::cmos::{self, Cmos};
 use ferry_devices::i8042::{self, I8042};
-use ferry_devices::pci::{self, DevFn, HostBridge, PciConfigIo, PciRoot};
+use ferry_devices::pci::{self, host_bridge, DevFn, PciConfigIo, PciRoot};
 use ferry_devices::pvpanic::{self, PvPanic};
 use ferry_devices::serial::{self, Serial};
 use ferry_devices::{Bus, EdgeInterrupt, ExitHandle, ExitRequest};
@@ -92,7 +92,7 @@ fn chipset(memory: u64, cpus: u8) -> (Bus, Arc<Mutex<Serial>>) {
     )
     .unwrap();
     let mut root = PciRoot::new();
-    root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    root.add(DevFn::new(0, 0), Arc::new(Mutex::new(host_bridge())));
     let _ = root.describe();
     pio.insert(
         pci::PCI_CONFIG_IO_BASE,

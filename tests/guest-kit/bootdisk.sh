@@ -57,30 +57,8 @@ SFDISK=$(command -v sfdisk 2>/dev/null || true)
 PKGS="extlinux syslinux-common"
 [ -n "$SFDISK" ] || PKGS="$PKGS fdisk"
 
-# Fast path: nothing that goes into the disk changed, nor apt's lists.
-STAMP=$( { cat "$HERE/bootdisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh"
-           sha256sum "$KERNEL" "$INITRD"
-           echo "$PKGS"
-           ls -l --time-style=full-iso /var/lib/apt/lists/ 2>/dev/null; } | sha256sum)
-if [ -f "$OUT/boot.stamp" ] && [ "$(cat "$OUT/boot.stamp")" = "$STAMP" ] \
-   && [ -f "$OUT/boot.key" ] && [ -f "$DISK" ]; then
-    echo "boot disk up to date: $DISK"
-    exit 0
-fi
-deb_check_lists
 # shellcheck disable=SC2086
-deb_resolve $PKGS
-KEY=$( {
-    echo "boot disk v1"
-    printf '%s\n' "$DEB_FILES"
-    cat "$HERE/bootdisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh" | sha256sum
-    sha256sum "$KERNEL" "$INITRD" | cut -d' ' -f1
-} )
-if [ -f "$OUT/boot.key" ] && [ -f "$DISK" ] && [ "$(cat "$OUT/boot.key")" = "$KEY" ]; then
-    printf '%s\n' "$STAMP" >"$OUT/boot.stamp"
-    echo "boot disk up to date: $DISK"
-    exit 0
-fi
+disk_cache boot "boot disk" "$HERE/bootdisk.sh" $PKGS
 
 [ "$(id -u)" = 0 ] || die "the boot disk ($DISK) needs root: EXTLINUX installs only into a mounted file system (loop mount); run as root: $0 $OUT"
 for t in mke2fs losetup mount umount base64; do
@@ -164,6 +142,5 @@ LOOP=""
 rmdir "$MNT"
 
 mv "$TMP" "$DISK"
-printf '%s\n' "$KEY" >"$OUT/boot.key"
-printf '%s\n' "$STAMP" >"$OUT/boot.stamp"
+disk_cache_done boot
 echo "boot disk ready: $DISK (${SIZE_MIB} MiB, $(du -k "$DISK" | cut -f1) KiB allocated)"

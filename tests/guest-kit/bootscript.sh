@@ -44,3 +44,40 @@ done
 command -v base64 >/dev/null 2>&1 || die "base64 is needed to build the boot disks"
 BOOT_CMDLINE="console=ttyS0 quiet panic=-1 ferry.script=$(printf '%s\n' "$GUEST_SCRIPT" | base64 -w0)"
 [ "${#BOOT_CMDLINE}" -lt 2000 ] || die "the boot disks' kernel command line is ${#BOOT_CMDLINE} bytes, too close to the kernel's limit of 2048 (shorten GUEST_SCRIPT in bootscript.sh)"
+
+# The build cache both disks share. The caller sets OUT, KERNEL, INITRD and DISK.
+# disk_cache NAME WHAT SCRIPT PKG...: exits the calling script when OUT/NAME.raw's
+# inputs did not change (NAME.stamp: a fast check without apt queries; NAME.key:
+# package versions and input hashes); otherwise leaves DEB_FILES (deb_resolve),
+# STAMP and KEY for disk_cache_done.
+disk_cache() {
+    dc_name=$1 dc_what=$2 dc_script=$3; shift 3
+    STAMP=$( { cat "$dc_script" "$HERE/bootscript.sh" "$HERE/debs.sh"
+               sha256sum "$KERNEL" "$INITRD"
+               echo "$*"
+               ls -l --time-style=full-iso /var/lib/apt/lists/ 2>/dev/null; } | sha256sum)
+    if [ -f "$OUT/$dc_name.stamp" ] && [ "$(cat "$OUT/$dc_name.stamp")" = "$STAMP" ] \
+       && [ -f "$OUT/$dc_name.key" ] && [ -f "$DISK" ]; then
+        echo "$dc_what up to date: $DISK"
+        exit 0
+    fi
+    deb_check_lists
+    deb_resolve "$@"
+    KEY=$( {
+        echo "$dc_what v1"
+        printf '%s\n' "$DEB_FILES"
+        cat "$dc_script" "$HERE/bootscript.sh" "$HERE/debs.sh" | sha256sum
+        sha256sum "$KERNEL" "$INITRD" | cut -d' ' -f1
+    } )
+    if [ -f "$OUT/$dc_name.key" ] && [ -f "$DISK" ] && [ "$(cat "$OUT/$dc_name.key")" = "$KEY" ]; then
+        printf '%s\n' "$STAMP" >"$OUT/$dc_name.stamp"
+        echo "$dc_what up to date: $DISK"
+        exit 0
+    fi
+}
+
+# disk_cache_done NAME: records that OUT/NAME.raw was built from these inputs.
+disk_cache_done() {
+    printf '%s\n' "$KEY" >"$OUT/$1.key"
+    printf '%s\n' "$STAMP" >"$OUT/$1.stamp"
+}

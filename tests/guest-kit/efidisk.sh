@@ -62,30 +62,8 @@ SFDISK=$(command -v sfdisk 2>/dev/null || true)
 PKGS="systemd-boot-efi dosfstools mtools"
 [ -n "$SFDISK" ] || PKGS="$PKGS fdisk"
 
-# Fast path: nothing that goes into the disk changed, nor apt's lists.
-STAMP=$( { cat "$HERE/efidisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh"
-           sha256sum "$KERNEL" "$INITRD"
-           echo "$PKGS"
-           ls -l --time-style=full-iso /var/lib/apt/lists/ 2>/dev/null; } | sha256sum)
-if [ -f "$OUT/efiboot.stamp" ] && [ "$(cat "$OUT/efiboot.stamp")" = "$STAMP" ] \
-   && [ -f "$OUT/efiboot.key" ] && [ -f "$DISK" ]; then
-    echo "UEFI boot disk up to date: $DISK"
-    exit 0
-fi
-deb_check_lists
 # shellcheck disable=SC2086
-deb_resolve $PKGS
-KEY=$( {
-    echo "efi boot disk v1"
-    printf '%s\n' "$DEB_FILES"
-    cat "$HERE/efidisk.sh" "$HERE/bootscript.sh" "$HERE/debs.sh" | sha256sum
-    sha256sum "$KERNEL" "$INITRD" | cut -d' ' -f1
-} )
-if [ -f "$OUT/efiboot.key" ] && [ -f "$DISK" ] && [ "$(cat "$OUT/efiboot.key")" = "$KEY" ]; then
-    printf '%s\n' "$STAMP" >"$OUT/efiboot.stamp"
-    echo "UEFI boot disk up to date: $DISK"
-    exit 0
-fi
+disk_cache efiboot "UEFI boot disk" "$HERE/efidisk.sh" $PKGS
 
 echo "building UEFI boot disk $DISK"
 deb_fetch
@@ -154,6 +132,5 @@ for f in "$BOOTX64:/EFI/BOOT/BOOTX64.EFI" "$KERNEL:/vmlinuz" "$INITRD:/initramfs
 done
 
 mv "$TMP" "$DISK"
-printf '%s\n' "$KEY" >"$OUT/efiboot.key"
-printf '%s\n' "$STAMP" >"$OUT/efiboot.stamp"
+disk_cache_done efiboot
 echo "UEFI boot disk ready: $DISK (${SIZE_MIB} MiB, $(du -k "$DISK" | cut -f1) KiB allocated)"

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use ferry_devices::debug_port::DebugPort;
+use ferry_devices::debug_port::{DebugPort, LineAssembler};
 use ferry_devices::pflash::{Pflash, PflashMapping};
 use ferry_devices::Bus;
 use ferry_firmware::image::{FirmwareImage, FirmwareKind};
@@ -30,9 +30,18 @@ pub struct Firmware {
 }
 
 /// OVMF's variable store: the VM's own file, or the template's bytes for one run.
-pub struct VarStore {
-    pub bytes: Vec<u8>,
-    pub path: Option<PathBuf>,
+pub enum VarStore {
+    File { path: PathBuf, len: u64 },
+    ThisRun(Vec<u8>),
+}
+
+impl VarStore {
+    pub fn size(&self) -> u64 {
+        match self {
+            VarStore::File { len, .. } => *len,
+            VarStore::ThisRun(bytes) => bytes.len() as u64,
+        }
+    }
 }
 
 /// Finds and checks the firmware a boot asks for; a UEFI boot also gets its variable store,
@@ -46,7 +55,7 @@ pub fn load(boot: &FirmwareBoot) -> Result<Firmware, VmmError> {
         _ => None,
     };
     if let Some(v) = &vars {
-        if image.bytes.len() + v.bytes.len() > MAX_FLASH {
+        if image.bytes.len() as u64 + v.size() > MAX_FLASH {
             return Err(VmmError::Config(format!(
                 "{} and its variable store are larger than the 16 MiB below 4 GiB that firmware may fill",
                 image.path.display()
@@ -57,7 +66,7 @@ pub fn load(boot: &FirmwareBoot) -> Result<Firmware, VmmError> {
 }
 
 /// What firmware may fill below 4 GiB (the hypervisor's pages sit below that).
-const MAX_FLASH: usize = 16 << 20;
+const MAX_FLASH: u64 = 16 << 20;
 
 fn var_store(template: &Path, own: Option<&Path>) -> Result<VarStore, VmmError> {
     let read = |p: &Path| {
@@ -71,10 +80,7 @@ fn var_store(template: &Path, own: Option<&Path>) -> Result<VarStore, VmmError> 
         tracing::warn!(
             "UEFI variables are kept for this run only: give --efi-vars FILE (or run a VM.toml) to keep them"
         );
-        return Ok(VarStore {
-            bytes: fresh,
-            path: None,
-        });
+        return Ok(VarStore::ThisRun(fresh));
     };
     if !own.exists() {
         std::fs::write(own, &fresh).map_err(|source| VmmError::Io {
@@ -87,19 +93,24 @@ fn var_store(template: &Path, own: Option<&Path>) -> Result<VarStore, VmmError> 
             template.display()
         );
     }
-    let bytes = read(own)?;
-    if bytes.len() != fresh.len() {
+    // The flash device reads the file when the machine starts; here only its size matters.
+    let len = std::fs::metadata(own)
+        .map_err(|source| VmmError::Io {
+            what: format!("cannot read the UEFI variable store {}", own.display()),
+            source,
+        })?
+        .len();
+    if len != fresh.len() as u64 {
         return Err(VmmError::Config(format!(
-            "the UEFI variable store {} is {} bytes, but this OVMF's template {} is {}: it belongs to another OVMF build; move it away to start afresh",
+            "the UEFI variable store {} is {len} bytes, but this OVMF's template {} is {}: it belongs to another OVMF build; move it away to start afresh",
             own.display(),
-            bytes.len(),
             template.display(),
             fresh.len()
         )));
     }
-    Ok(VarStore {
-        bytes,
-        path: Some(own.to_path_buf()),
+    Ok(VarStore::File {
+        path: own.to_path_buf(),
+        len,
     })
 }
 
@@ -118,11 +129,11 @@ pub fn map(
     let image = &fw.image;
     vm.map_rom(image.base(), &image.bytes)?;
     if let Some(vars) = &fw.vars {
-        let len = vars.bytes.len() as u64;
+        let len = vars.size();
         let gpa = image.base() - len;
-        let mut flash = match &vars.path {
-            Some(p) => Pflash::open(p, len),
-            None => Pflash::new(vars.bytes.clone()),
+        let mut flash = match vars {
+            VarStore::File { path, len } => Pflash::open(path, *len),
+            VarStore::ThisRun(bytes) => Pflash::new(bytes.clone()),
         }
         .map_err(|e| VmmError::Config(format!("UEFI variable store: {e}")))?;
         let mapping = vm.clone().map_flash(gpa, flash.bytes())?;
@@ -212,7 +223,7 @@ pub fn debug_port(log: Option<&Path>, watch: Arc<BootWatch>) -> Result<DebugPort
 /// watch until the firmware has handed over (after that it only passes bytes on).
 pub struct ConsoleTap<W> {
     out: W,
-    line: Vec<u8>,
+    lines: LineAssembler,
     watch: Arc<BootWatch>,
 }
 
@@ -220,27 +231,19 @@ impl<W> ConsoleTap<W> {
     pub fn new(out: W, watch: Arc<BootWatch>) -> Self {
         Self {
             out,
-            line: Vec::new(),
+            lines: LineAssembler::default(),
             watch,
         }
     }
 }
-
-/// Longer console lines are cut: the markers are short.
-const TAP_LINE_MAX: usize = 256;
 
 impl<W: Write> Write for ConsoleTap<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.out.write(buf)?;
         if !self.watch.handed_off() {
             for &b in &buf[..n] {
-                if b == b'\n' || b == b'\r' {
-                    if !self.line.is_empty() {
-                        self.watch.line(&String::from_utf8_lossy(&self.line));
-                        self.line.clear();
-                    }
-                } else if self.line.len() < TAP_LINE_MAX {
-                    self.line.push(b);
+                if let Some(line) = self.lines.push(b) {
+                    self.watch.line(&line);
                 }
             }
         }

@@ -14,7 +14,7 @@ use ferry_devices::debug_port::DEBUG_PORT;
 use ferry_devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORT_LEN};
 use ferry_devices::i8042::{self, I8042};
 use ferry_devices::pci::{
-    self, DevFn, HostBridge, IsaBridge, PciBarWindow, PciConfigIo, PciRoot, Piix4Pm,
+    self, host_bridge, isa_bridge, piix4_pm, DevFn, PciBarWindow, PciConfigIo, PciRoot,
 };
 use ferry_devices::pvpanic::{self, PvPanic};
 use ferry_devices::serial::{self, Serial};
@@ -289,11 +289,11 @@ fn boot_once(
         Arc::new(Mutex::new(PvPanic::new(exit_handle.clone()))),
     )?;
     let mut root = PciRoot::new();
-    root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new())));
-    root.add(DevFn::new(1, 0), Arc::new(Mutex::new(IsaBridge::new())));
+    root.add(DevFn::new(0, 0), Arc::new(Mutex::new(host_bridge())));
+    root.add(DevFn::new(1, 0), Arc::new(Mutex::new(isa_bridge())));
     root.add(
         DevFn::new(1, 3),
-        Arc::new(Mutex::new(Piix4Pm::new(acpi_pm::PM_BASE as u16))),
+        Arc::new(Mutex::new(piix4_pm(acpi_pm::PM_BASE as u16))),
     );
     let storage_handlers = attach_controllers(&vm, &mem, cfg.cpus, &mut root, &cfg.storage)?;
     let mut queue_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();

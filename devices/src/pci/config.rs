@@ -214,6 +214,18 @@ pub fn affects_bars(reg: usize) -> bool {
     reg == COMMAND / 4 || (BAR0 / 4..BAR0 / 4 + BAR_COUNT).contains(&reg)
 }
 
+/// A chipset function that is nothing but its configuration space (host bridge, ISA bridge,
+/// PIIX4 PM): the registers firmware programs, kept for it to read back.
+impl super::PciDevice for PciConfigSpace {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.read_dword(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.write(reg, offset, data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

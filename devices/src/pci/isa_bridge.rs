@@ -5,7 +5,7 @@
 //! 16..23 as the DSDT's _PRT says; a guest that runs the 8259 PIC alone (no APIC) does not
 //! get PCI INTx, which QEMU would route through these registers.
 
-use super::{PciConfigSpace, PciDevice};
+use super::PciConfigSpace;
 
 /// PIRQA..PIRQD route control: IRQ number in bits 0-3, bit 7 set = not routed.
 const PIRQ_ROUTE: usize = 0x60;
@@ -15,43 +15,23 @@ const HEADER_TYPE: usize = 0x0e;
 /// Function 0 of a multi-function device, as on a PIIX (IDE, USB and PM are functions 1-3).
 const MULTI_FUNCTION: u8 = 0x80;
 
-pub struct IsaBridge {
-    config: PciConfigSpace,
-}
-
-impl IsaBridge {
-    pub fn new() -> Self {
-        let mut config = PciConfigSpace::new(0x8086, 0x7000, 0x00, (0x06, 0x01, 0x00));
-        config.set(HEADER_TYPE, &[MULTI_FUNCTION]);
-        config.set(PIRQ_ROUTE, &[PIRQ_DISABLED; PIRQ_COUNT]);
-        config.set_writable(PIRQ_ROUTE, &[0x8f; PIRQ_COUNT]);
-        Self { config }
-    }
-}
-
-impl Default for IsaBridge {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl PciDevice for IsaBridge {
-    fn config_read(&mut self, reg: usize) -> u32 {
-        self.config.read_dword(reg)
-    }
-
-    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
-        self.config.write(reg, offset, data);
-    }
+/// The bridge's configuration space, which is all there is of it.
+pub fn isa_bridge() -> PciConfigSpace {
+    let mut config = PciConfigSpace::new(0x8086, 0x7000, 0x00, (0x06, 0x01, 0x00));
+    config.set(HEADER_TYPE, &[MULTI_FUNCTION]);
+    config.set(PIRQ_ROUTE, &[PIRQ_DISABLED; PIRQ_COUNT]);
+    config.set_writable(PIRQ_ROUTE, &[0x8f; PIRQ_COUNT]);
+    config
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::PciDevice;
 
     #[test]
     fn identifies_as_piix3_and_keeps_pirq_routes() {
-        let mut b = IsaBridge::new();
+        let mut b = isa_bridge();
         assert_eq!(b.config_read(0), 0x7000_8086);
         assert_eq!(b.config_read(0x08 / 4) >> 8, 0x06_01_00);
         assert_eq!((b.config_read(0x0c / 4) >> 16) & 0xff, 0x80);

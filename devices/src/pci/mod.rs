@@ -14,11 +14,11 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{affects_bars, BarKind, BarRange, PciConfigSpace, BAR_COUNT};
-pub use host_bridge::HostBridge;
-pub use isa_bridge::IsaBridge;
+pub use host_bridge::host_bridge;
+pub use isa_bridge::isa_bridge;
 pub use msi::{Msi, MSI_CAP_ID};
 pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
-pub use piix4_pm::Piix4Pm;
+pub use piix4_pm::piix4_pm;
 pub use root::{
     DoorbellHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
     RESET_CONTROL_OFFSET, RESET_VALUE,

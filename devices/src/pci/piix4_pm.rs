@@ -6,7 +6,7 @@
 //! firmware writes. ferry offers no SMM, and says so the way SeaBIOS checks: APMC_EN already
 //! set in DEVACTB means "SMM set up", so SeaBIOS skips it instead of waiting for an SMI.
 
-use super::{PciConfigSpace, PciDevice};
+use super::PciConfigSpace;
 
 const PMBA: usize = 0x40;
 const DEVACTB: usize = 0x58;
@@ -15,38 +15,23 @@ const PMREGMISC: usize = 0x80;
 const PMIOSE: u8 = 1 << 0;
 const IO_SPACE: u32 = 1;
 
-pub struct Piix4Pm {
-    config: PciConfigSpace,
-}
-
-impl Piix4Pm {
-    /// `pm_base`: the I/O port of the ACPI PM1 block.
-    pub fn new(pm_base: u16) -> Self {
-        let mut config = PciConfigSpace::new(0x8086, 0x7113, 0x03, (0x06, 0x80, 0x00));
-        config.set(PMBA, &(u32::from(pm_base) | IO_SPACE).to_le_bytes());
-        config.set(DEVACTB, &APMC_EN.to_le_bytes());
-        config.set(PMREGMISC, &[PMIOSE]);
-        Self { config }
-    }
-}
-
-impl PciDevice for Piix4Pm {
-    fn config_read(&mut self, reg: usize) -> u32 {
-        self.config.read_dword(reg)
-    }
-
-    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
-        self.config.write(reg, offset, data);
-    }
+/// The function's configuration space; `pm_base` is the I/O port of the ACPI PM1 block.
+pub fn piix4_pm(pm_base: u16) -> PciConfigSpace {
+    let mut config = PciConfigSpace::new(0x8086, 0x7113, 0x03, (0x06, 0x80, 0x00));
+    config.set(PMBA, &(u32::from(pm_base) | IO_SPACE).to_le_bytes());
+    config.set(DEVACTB, &APMC_EN.to_le_bytes());
+    config.set(PMREGMISC, &[PMIOSE]);
+    config
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::PciDevice;
 
     #[test]
     fn pm_block_is_fixed_and_smm_reads_as_done() {
-        let mut pm = Piix4Pm::new(0x600);
+        let mut pm = piix4_pm(0x600);
         assert_eq!(pm.config_read(0), 0x7113_8086);
         assert_eq!(pm.config_read(PMBA / 4), 0x601);
         // OVMF programs its own base (0xb000); the block does not move.

@@ -273,12 +273,12 @@ impl BusDevice for PciConfigIo {
 mod tests {
     use super::*;
     use crate::lifecycle::testing::RecordingExit;
-    use crate::pci::HostBridge;
+    use crate::pci::host_bridge;
 
     fn setup() -> (PciConfigIo, Arc<RecordingExit>) {
         let mut root = PciRoot::new();
-        assert!(root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))));
-        assert!(!root.add(DevFn::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))));
+        assert!(root.add(DevFn::new(0, 0), Arc::new(Mutex::new(host_bridge()))));
+        assert!(!root.add(DevFn::new(0, 0), Arc::new(Mutex::new(host_bridge()))));
         let exit = Arc::new(RecordingExit::default());
         (PciConfigIo::new(Arc::new(root), exit.clone()), exit)
     }
