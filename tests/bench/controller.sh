@@ -78,14 +78,15 @@ guest_script() {
 }
 b64=$(guest_script | base64 | tr -d '\n')
 cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
-./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
+# Each VMM's exit status goes to the end of its .err file (printed when a job has no result).
+{ ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
     --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
-    2>ferry.err | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
+    2>ferry.err; echo "exit status $?" >>ferry.err; } | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
 grep -q '^ferry ' results || { echo "BENCH ferry failed:"; tail -n 5 ferry.err | sed 's/^/BENCH   /'; }
-qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
+{ qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
     -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
     $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
-    -device "$QEMU_DISK" 2>qemu.err | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results
+    -device "$QEMU_DISK" 2>qemu.err; echo "exit status $?" >>qemu.err; } | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results
 grep -q '^qemu ' results || { echo "BENCH qemu failed:"; tail -n 5 qemu.err | sed 's/^/BENCH   /'; }
 while read -r rw bs depth; do
     ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
@@ -98,7 +99,13 @@ for vmm in ferry qemu; do
         grep -q "^$vmm $rw " results && continue
         echo "BENCH $vmm: no result for $rw; its console ends:"
         grep -v '^\[' $vmm.console | tail -n 6 | sed 's/^/BENCH   /'
+        missing=1
     done <jobs
+    if [ -n "${missing:-}" ] && [ -s $vmm.err ]; then
+        echo "BENCH $vmm: its standard error ends:"
+        tail -n 5 $vmm.err | sed 's/^/BENCH   /'
+    fi
+    missing=
 done
 awk '
     { iops[$1, $2] = $3; bw[$1, $2] = $4; if (!seen[$2]++) order[n++] = $2 }

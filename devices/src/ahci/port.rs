@@ -358,6 +358,17 @@ impl Port {
 
     /// Issues every slot software has set in PxCI that is not running yet, lowest first.
     pub fn run(&mut self, mem: &GuestMemoryMmap) {
+        // The slots started in this pass go to the host in one submission.
+        if let Some(e) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {
+            e.plug();
+        }
+        self.start_ready(mem);
+        if let Some(e) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {
+            e.unplug();
+        }
+    }
+
+    fn start_ready(&mut self, mem: &GuestMemoryMmap) {
         while self.cmd & cmd::ST != 0 && !self.halted && !self.comreset && self.unit.is_some() {
             let ready = self.ci & !self.issued;
             if ready == 0 {

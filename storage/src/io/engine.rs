@@ -328,6 +328,23 @@ impl IoEngine {
         Ok(())
     }
 
+    /// Holds submissions back until [`unplug`](Self::unplug): a device that takes several
+    /// requests off its queue in one pass hands them to the kernel in one system call
+    /// (io_uring; the thread pool starts each at once anyway). Every `plug` must be followed
+    /// by `unplug` before the caller waits for completions, or the held requests never start.
+    pub fn plug(&mut self) {
+        if let Some(u) = &mut self.uring {
+            u.plug();
+        }
+    }
+
+    /// Submits what `plug` held back.
+    pub fn unplug(&mut self) {
+        if let Some(u) = &mut self.uring {
+            u.unplug();
+        }
+    }
+
     /// Finished requests, in the order they finished. Also clears the eventfd and lets
     /// requests that were waiting go on.
     pub fn completions(&mut self) -> std::vec::Drain<'_, Completion> {

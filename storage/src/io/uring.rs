@@ -13,22 +13,38 @@ pub(crate) struct Uring {
     ring: IoUring,
     in_flight: usize,
     capacity: usize,
+    /// Entries are queued without a system call until `unplug` (see `IoEngine::plug`).
+    plugged: bool,
 }
 
 impl Uring {
     /// A ring with room for `depth` requests, or why the kernel has none (old kernel, or
     /// io_uring disabled by sysctl or seccomp).
     pub(crate) fn new(depth: u32, eventfd: &EventFd) -> io::Result<Self> {
-        let ring = IoUring::builder()
+        // Cooperative task running (Linux 5.19): a completion from io_uring's workers does
+        // not interrupt the event loop thread with an IPI; it is posted on the thread's next
+        // entry into the kernel, and a thread asleep in epoll is still woken for it. Older
+        // kernels refuse the flag: build the ring without it.
+        let build = |coop: bool| {
+            let mut b = IoUring::builder();
             // Twice the submission queue: completions never overflow.
-            .setup_cqsize(depth * 2)
-            .build(depth)?;
+            b.setup_cqsize(depth * 2);
+            if coop {
+                b.setup_coop_taskrun();
+            }
+            b.build(depth)
+        };
+        let ring = match build(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => build(false)?,
+            r => r?,
+        };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let capacity = ring.params().sq_entries() as usize;
         Ok(Self {
             ring,
             in_flight: 0,
             capacity,
+            plugged: false,
         })
     }
 
@@ -67,12 +83,30 @@ impl Uring {
         unsafe { self.ring.submission().push(&entry) }
             .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
         self.in_flight += 1;
-        // Once queued the entry belongs to the ring: if the kernel refuses the submit call
-        // now, it goes with the next one (every reap retries), and completes from there.
+        if !self.plugged {
+            self.submit_queued();
+        }
+        Ok(())
+    }
+
+    /// Holds entries back from the kernel until `unplug`, so that a batch goes in one call.
+    pub(crate) fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    pub(crate) fn unplug(&mut self) {
+        self.plugged = false;
+        if !self.ring.submission().is_empty() {
+            self.submit_queued();
+        }
+    }
+
+    fn submit_queued(&mut self) {
+        // Once queued an entry belongs to the ring: if the kernel refuses the submit call now,
+        // it goes with the next one (every reap retries), and completes from there.
         if let Err(e) = self.submit() {
             tracing::error!("I/O engine: io_uring submit failed: {e}");
         }
-        Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {

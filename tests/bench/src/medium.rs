@@ -272,11 +272,13 @@ fn bench(o: &Opts) -> Result<Vec<Row>, String> {
                 [3, 2, 1, 0]
             };
             for tool in order {
-                // Untimed: the previous run's dirty pages (a no-flush run leaves hundreds of
-                // MiB) would otherwise be written back during this one and bill it.
+                // Untimed: the previous output is removed and the previous run's dirty pages
+                // (a no-flush run leaves hundreds of MiB) written back before the clock starts.
+                // Removing after the sync would bill the next tool's first flush for freeing
+                // the old file's blocks (and, with `-o discard`, for discarding them).
+                remove_image(if tool < 2 { &qdst } else { &fdst });
                 let _ = Command::new("sync").status();
                 if tool < 2 {
-                    remove_image(&qdst);
                     let cache = if tool == 0 { "unsafe" } else { "writeback" };
                     let t = run(Command::new("qemu-img")
                         .args(["convert", "-t", cache, "-f", qs, "-O", qd])
@@ -288,7 +290,6 @@ fn bench(o: &Opts) -> Result<Vec<Row>, String> {
                         qw.push(t)
                     }
                 } else {
-                    remove_image(&fdst);
                     let mut cmd = Command::new(&o.ferry);
                     cmd.args(["medium", "clone"])
                         .arg(&src)

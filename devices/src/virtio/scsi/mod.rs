@@ -349,6 +349,10 @@ impl VirtioDevice for VirtioScsi {
                 }
             }
             _ => {
+                // The requests taken in this pass go to each disk's host in one submission.
+                for e in self.ports.values_mut().filter_map(|p| p.engine.as_mut()) {
+                    e.plug();
+                }
                 let mut used = false;
                 loop {
                     if queue.disable_notification(mem).is_err() {
@@ -380,6 +384,9 @@ impl VirtioDevice for VirtioScsi {
                         Ok(true) if popped > 0 => continue,
                         _ => break,
                     }
+                }
+                for e in self.ports.values_mut().filter_map(|p| p.engine.as_mut()) {
+                    e.unplug();
                 }
                 if used {
                     vec![index]
