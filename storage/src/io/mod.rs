@@ -57,5 +57,6 @@ pub use engine::{
 pub use request::{Completion, IoError, IoOp, Request, SECTOR};
 
 pub(crate) use iovec::AlignedBuf;
+pub(crate) use work::start_writeback;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use crate::disk::Disk;
 use crate::error::{Result, StorageError};
 use crate::layer::{CreateOptions, FormatKind, NoLowerLayers, Variant};
 use crate::medium::copy::{self, CopyStats, Progress, Source};
+use crate::medium::mapped::MappedFile;
 use crate::medium::staging::Staged;
 use crate::probe::{create_image, open_image};
 
@@ -85,10 +86,23 @@ pub fn clone(
         opts.variant
     );
     let read = |buf: &mut [u8], off: u64| disk.read_at(buf, off);
+    // A disk that is one raw file is read in place through a mapping where it can be.
+    let top = &disk.layers()[0];
+    let mapped = match (disk.layers().len(), top.format()) {
+        (1, FormatKind::Raw) => match MappedFile::open(top.path()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::debug!("{}: read without a mapping: {e}", top.path().display());
+                None
+            }
+        },
+        _ => None,
+    };
     let source = Source {
         read: &read,
         ranges: disk.data_ranges()?,
         below: None,
+        mapped: mapped.as_ref().map(MappedFile::bytes),
     };
     let stats = copy::copy(&source, &*layer, &NoLowerLayers, opts.threads, progress)?;
     layer.flush()?;

@@ -22,6 +22,9 @@ pub struct Source<'a> {
     pub read: &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync),
     /// The ranges that may hold data, in order, not overlapping; the rest is left a hole.
     pub ranges: Vec<(u64, u64)>,
+    /// The source's bytes in memory where the disk is one raw file mapped whole
+    /// ([`super::mapped::MappedFile`]): pieces inside it are used in place, not read.
+    pub mapped: Option<&'a [u8]>,
     /// For a differencing target: what the target's parents read. An all-zero grain is then
     /// written only where the parents are not zero there (the zeros hide their data).
     pub below: Option<&'a (dyn LowerLayers + Sync)>,
@@ -30,9 +33,11 @@ pub struct Source<'a> {
 /// Bytes written between background syncs of the target's files.
 const SYNC_EVERY: u64 = 64 << 20;
 
-/// Writes the target's dirty pages back while the copy goes on (through its own handles, so
-/// no layer lock is held), so that the final flush finds little left to do: the disk writes
-/// overlap the copy instead of following it.
+/// Starts the write-back of the target's dirty pages while the copy goes on (through its own
+/// handles, so no layer lock is held), so that the final flush finds little left to do: the
+/// disk writes overlap the copy instead of following it. Only started, never waited for: an
+/// fdatasync here would commit the file system's journal and flush the disk's cache each
+/// time, and hold up the writers on the inode.
 struct Syncer {
     files: Vec<std::fs::File>,
     /// Bytes written so far, and whether the copy is over.
@@ -83,7 +88,7 @@ impl Syncer {
             }
             for f in &self.files {
                 // Best effort: the layer's own flush is what makes the copy durable.
-                let _ = f.sync_data();
+                let _ = crate::io::start_writeback(f);
             }
         }
     }
@@ -114,12 +119,28 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
 }
 
-struct Piece {
+struct Piece<'a> {
     index: usize,
     offset: u64,
-    buf: Vec<u8>,
-    /// (start, len) within `buf` to write.
+    data: Data<'a>,
+    /// (start, len) within the data to write.
     runs: Vec<(usize, usize)>,
+}
+
+/// A piece's bytes: read into a buffer (returned to the pool once written), or borrowed from
+/// the mapped source.
+enum Data<'a> {
+    Read(Vec<u8>),
+    Mapped(&'a [u8]),
+}
+
+impl Data<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Read(v) => v,
+            Data::Mapped(m) => m,
+        }
+    }
 }
 
 /// Pieces the readers may run ahead of the writer, per reader: bounds memory (each piece is a
@@ -146,7 +167,7 @@ pub fn copy(
     // How many pieces the writer has finished: readers stay within `window` of it.
     let written = (Mutex::new(0usize), Condvar::new());
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(window);
+    let (tx, rx) = mpsc::sync_channel::<Result<Piece<'_>>>(window);
     let mut stats = CopyStats::default();
     let syncer = Syncer::new(&dst.files());
 
@@ -188,7 +209,7 @@ pub fn copy(
             });
         }
         drop(tx);
-        let mut waiting: BTreeMap<usize, Piece> = BTreeMap::new();
+        let mut waiting: BTreeMap<usize, Piece<'_>> = BTreeMap::new();
         let mut want = 0usize;
         let fail = |e| {
             syncer.stop();
@@ -206,14 +227,15 @@ pub fn copy(
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            stats.read += piece.buf.len() as u64;
+            stats.read += piece.data.bytes().len() as u64;
             waiting.insert(piece.index, piece);
             while let Some(p) = waiting.remove(&want) {
+                let bytes = p.data.bytes();
                 for &(at, n) in &p.runs {
                     // A raw target's pieces were written by their readers already.
                     if !parallel_writes {
                         if let Err(e) =
-                            dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower)
+                            dst.write_at(&bytes[at..at + n], p.offset + at as u64, lower)
                         {
                             return fail(e);
                         }
@@ -221,8 +243,10 @@ pub fn copy(
                     }
                     stats.written += n as u64;
                 }
-                progress.advance(p.buf.len() as u64);
-                pool.lock().unwrap_or_else(|e| e.into_inner()).push(p.buf);
+                progress.advance(bytes.len() as u64);
+                if let Data::Read(buf) = p.data {
+                    pool.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+                }
                 want += 1;
                 *written.0.lock().unwrap_or_else(|e| e.into_inner()) = want;
                 written.1.notify_all();
@@ -238,11 +262,12 @@ pub fn copy(
 fn write_runs(
     dst: &dyn Layer,
     lower: &dyn LowerLayers,
-    p: &mut Piece,
+    p: &mut Piece<'_>,
     syncer: &Syncer,
 ) -> Result<()> {
+    let bytes = p.data.bytes();
     for &(at, n) in &p.runs {
-        dst.write_at(&p.buf[at..at + n], p.offset + at as u64, lower)?;
+        dst.write_at(&bytes[at..at + n], p.offset + at as u64, lower)?;
         syncer.wrote(n as u64);
     }
     Ok(())
@@ -263,16 +288,27 @@ fn split(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-fn read_piece(
-    src: &Source<'_>,
+fn read_piece<'a>(
+    src: &Source<'a>,
     index: usize,
     offset: u64,
     len: usize,
     buf: Option<Vec<u8>>,
-) -> Result<Piece> {
-    let mut buf = buf.unwrap_or_default();
-    buf.resize(len, 0);
-    (src.read)(&mut buf, offset)?;
+) -> Result<Piece<'a>> {
+    let in_map = src.mapped.and_then(|m| {
+        let start = usize::try_from(offset).ok()?;
+        m.get(start..start.checked_add(len)?)
+    });
+    let data = match in_map {
+        Some(m) => Data::Mapped(m),
+        None => {
+            let mut buf = buf.unwrap_or_default();
+            buf.resize(len, 0);
+            (src.read)(&mut buf, offset)?;
+            Data::Read(buf)
+        }
+    };
+    let buf = data.bytes();
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut below_buf = Vec::new();
     // Grains are aligned to the disk, not to the piece, so that a hole in the source stays
@@ -302,7 +338,7 @@ fn read_piece(
     Ok(Piece {
         index,
         offset,
-        buf,
+        data,
         runs,
     })
 }
@@ -418,6 +454,7 @@ mod tests {
             read: &read,
             ranges: vec![(0, size)],
             below: None,
+            mapped: None,
         };
         let dst = Counting {
             size,

@@ -52,6 +52,7 @@ pub fn merge(
             read: &read,
             ranges: layer_ranges(top, parent.virtual_size())?,
             below: Some(&before as &(dyn LowerLayers + Sync)),
+            mapped: None,
         };
         let grand = disk.lower(2);
         let stats = copy::copy(&source, &*parent, &grand, threads, progress)?;

@@ -6,6 +6,8 @@
 pub mod check;
 pub mod clone;
 pub mod copy;
+#[allow(unsafe_code)]
+pub mod mapped;
 pub mod merge;
 pub mod rebuild;
 pub mod staging;

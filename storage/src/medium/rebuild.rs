@@ -166,6 +166,7 @@ fn rebuild(
         read: &read,
         ranges: layer_ranges(top, size)?,
         below,
+        mapped: None,
     };
     let stats = copy::copy(&source, &*new, &lower, threads, progress)?;
     new.flush()?;
