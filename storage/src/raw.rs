@@ -154,6 +154,10 @@ impl Layer for RawLayer {
         }
         Ok(self.host_extent(offset, len))
     }
+    fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        self.check(offset, len)?;
+        Ok(Some((offset, len)))
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         self.file

@@ -552,3 +552,43 @@ fn clone_refuses_an_existing_target() {
     assert!(e.to_string().contains("source itself"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Where a layer says a run is stored in its file (`Layer::host_run`, which a clone reads in
+/// place), the file holds exactly what `read_at` returns, also for blocks allocated out of
+/// order (a run never spans two blocks that are not next to each other in the file).
+#[test]
+fn host_runs_hold_what_reads_return() {
+    let dir = scratch("host-run");
+    for fmt in [FormatKind::Raw, FormatKind::Vdi, FormatKind::Parallels] {
+        let path = dir.join(format!("img.{}", ext(fmt)));
+        let disk = make(&path, fmt, Variant::Dynamic, SIZE);
+        // Later blocks first, then earlier ones: the file's order is not the disk's.
+        disk.write_at(&pattern(1, 3 * MIB as usize), 8 * MIB)
+            .unwrap();
+        disk.write_at(&pattern(2, 2 * MIB as usize + 4096), MIB)
+            .unwrap();
+        disk.write_at(&pattern(3, 4096), 12 * MIB).unwrap();
+        disk.flush().unwrap();
+        drop(disk);
+        let layer = open_image(&path, false).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        let mut found = 0;
+        for start in (0..SIZE).step_by(MIB as usize / 2) {
+            let len = 2 * MIB;
+            let Some((host, run)) = layer.host_run(start, len.min(SIZE - start)).unwrap() else {
+                continue;
+            };
+            assert!(run > 0 && run <= len, "{fmt:?} at {start}: run {run}");
+            let mut want = vec![0u8; run as usize];
+            layer.read_at(&mut want, start).unwrap();
+            let have = &file[host as usize..][..run as usize];
+            assert!(
+                have == want,
+                "{fmt:?}: the run at {start} differs in the file"
+            );
+            found += 1;
+        }
+        assert!(found > 0, "{fmt:?}: no run found");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -93,19 +93,17 @@ while read -r rw bs depth; do
         --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
         --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
 done <jobs >>results
-# A job without a result: show what the guest said.
+# A job without a result: show what the guest said (kernel messages too) and how the VMM ended.
 for vmm in ferry qemu; do
-    while read -r rw bs depth; do
-        grep -q "^$vmm $rw " results && continue
-        echo "BENCH $vmm: no result for $rw; its console ends:"
-        grep -v '^\[' $vmm.console | tail -n 6 | sed 's/^/BENCH   /'
-        missing=1
-    done <jobs
-    if [ -n "${missing:-}" ] && [ -s $vmm.err ]; then
-        echo "BENCH $vmm: its standard error ends:"
-        tail -n 5 $vmm.err | sed 's/^/BENCH   /'
-    fi
     missing=
+    while read -r rw bs depth; do
+        grep -q "^$vmm $rw " results || missing="$missing $rw"
+    done <jobs
+    [ -n "$missing" ] || continue
+    echo "BENCH $vmm: no result for$missing; its console ends:"
+    tail -n 15 $vmm.console | sed 's/^/BENCH   /'
+    echo "BENCH $vmm: its standard error ends:"
+    tail -n 5 $vmm.err | sed 's/^/BENCH   /'
 done
 awk '
     { iops[$1, $2] = $3; bw[$1, $2] = $4; if (!seen[$2]++) order[n++] = $2 }

@@ -86,23 +86,35 @@ pub fn clone(
         opts.variant
     );
     let read = |buf: &mut [u8], off: u64| disk.read_at(buf, off);
-    // A disk that is one raw file is read in place through a mapping where it can be.
+    // A disk of one layer whose format stores blocks as they are is read in place, through
+    // a mapping of its file, where it can be.
     let top = &disk.layers()[0];
     let mapped = match (disk.layers().len(), top.format()) {
-        (1, FormatKind::Raw) => match MappedFile::open(top.path()) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::debug!("{}: read without a mapping: {e}", top.path().display());
-                None
+        (1, FormatKind::Raw | FormatKind::Vdi | FormatKind::Parallels) if top.path().is_file() => {
+            match MappedFile::open(top.path()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::debug!("{}: read without a mapping: {e}", top.path().display());
+                    None
+                }
             }
-        },
+        }
         _ => None,
+    };
+    let map = mapped.as_ref().map(MappedFile::bytes);
+    let in_place = |off: u64, len: usize| -> Option<&[u8]> {
+        let (host, run) = top.host_run(off, len as u64).ok()??;
+        let start = usize::try_from(host).ok()?;
+        match run == len as u64 {
+            true => map?.get(start..start.checked_add(len)?),
+            false => None,
+        }
     };
     let source = Source {
         read: &read,
         ranges: disk.data_ranges()?,
         below: None,
-        mapped: mapped.as_ref().map(MappedFile::bytes),
+        mapped: map.is_some().then_some(&in_place as _),
     };
     let stats = copy::copy(&source, &*layer, &NoLowerLayers, opts.threads, progress)?;
     layer.flush()?;

@@ -22,9 +22,9 @@ pub struct Source<'a> {
     pub read: &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync),
     /// The ranges that may hold data, in order, not overlapping; the rest is left a hole.
     pub ranges: Vec<(u64, u64)>,
-    /// The source's bytes in memory where the disk is one raw file mapped whole
-    /// ([`super::mapped::MappedFile`]): pieces inside it are used in place, not read.
-    pub mapped: Option<&'a [u8]>,
+    /// The source's bytes in memory, where a piece lies whole in a mapped file
+    /// ([`super::mapped::MappedFile`]): such a piece is used in place, not read.
+    pub mapped: Option<&'a (dyn Fn(u64, usize) -> Option<&'a [u8]> + Sync)>,
     /// For a differencing target: what the target's parents read. An all-zero grain is then
     /// written only where the parents are not zero there (the zeros hide their data).
     pub below: Option<&'a (dyn LowerLayers + Sync)>,
@@ -295,10 +295,7 @@ fn read_piece<'a>(
     len: usize,
     buf: Option<Vec<u8>>,
 ) -> Result<Piece<'a>> {
-    let in_map = src.mapped.and_then(|m| {
-        let start = usize::try_from(offset).ok()?;
-        m.get(start..start.checked_add(len)?)
-    });
+    let in_map = src.mapped.and_then(|m| m(offset, len));
     let data = match in_map {
         Some(m) => Data::Mapped(m),
         None => {
