@@ -79,15 +79,35 @@ guest_script() {
 b64=$(guest_script | base64 | tr -d '\n')
 cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
 # Each VMM's exit status goes to the end of its .err file (printed when a job has no result).
-{ ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
-    --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
-    2>ferry.err; echo "exit status $?" >>ferry.err; } | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p' >results
-grep -q '^ferry ' results || { echo "BENCH ferry failed:"; tail -n 5 ferry.err | sed 's/^/BENCH   /'; }
-{ qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
-    -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
-    $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
-    -device "$QEMU_DISK" 2>qemu.err; echo "exit status $?" >>qemu.err; } | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p' >>results
-grep -q '^qemu ' results || { echo "BENCH qemu failed:"; tail -n 5 qemu.err | sed 's/^/BENCH   /'; }
+run_ferry() {
+    { ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
+        --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
+        2>ferry.err; echo "exit status $?" >>ferry.err; } | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p'
+}
+run_qemu() {
+    { qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
+        -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
+        $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
+        -device "$QEMU_DISK" 2>qemu.err; echo "exit status $?" >>qemu.err; } | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p'
+}
+# A guest that stops before its last job (in the nested test host both VMMs' guests sometimes
+# triple-fault; QEMU then exits 0 under -no-reboot) runs once more, and its whole set of
+# results is taken from the better run.
+njobs=$(wc -l <jobs)
+: >results
+for vmm in ferry qemu; do
+    : >"$vmm.best"
+    for try in 1 2; do
+        run_$vmm >"$vmm.try"
+        if [ "$(wc -l <"$vmm.try")" -ge "$(wc -l <"$vmm.best")" ]; then
+            cp "$vmm.try" "$vmm.best"
+        fi
+        [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
+        [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
+    done
+    cat "$vmm.best" >>results
+    grep -q "^$vmm " results || { echo "BENCH $vmm failed:"; tail -n 5 $vmm.err | sed 's/^/BENCH   /'; }
+done
 while read -r rw bs depth; do
     ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
         --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
