@@ -173,6 +173,24 @@ pub trait Layer: Send + Sync {
     }
 }
 
+/// `Layer::host_run` for formats that store fixed-size blocks whole: `host(index)` is where
+/// block `index` starts in the file (None: not allocated here). Blocks stored one after the
+/// other (as a sequential writer leaves them) extend the run.
+pub(crate) fn block_host_run(
+    offset: u64,
+    len: u64,
+    block: u64,
+    host: impl Fn(u64) -> Option<u64>,
+) -> Option<(u64, u64)> {
+    let index = offset / block;
+    let start = host(index)? + offset % block;
+    let mut end = (index + 1) * block;
+    while end < offset + len && host(end / block) == Some(start + (end - offset)) {
+        end += block;
+    }
+    Some((start, end.min(offset + len) - offset))
+}
+
 /// A layer's block table as host offsets, for `check`: every referenced block must lie in
 /// the data area, no two may overlap, and data-area space no block uses is leaked.
 #[derive(Debug, Clone)]

@@ -889,23 +889,15 @@ impl Layer for VdiLayer {
     fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
         self.check(offset, len)?;
         let st = self.read_lock();
-        let bs = self.hd.block_size;
-        let at = |index: u64| {
-            let entry = *st.map.get(usize::try_from(index).ok()?)?;
-            is_allocated(entry).then(|| self.slot_offset(entry))
-        };
-        let index = offset / bs;
-        let Some(host) = at(index) else {
-            return Ok(None);
-        };
-        let start = host + offset % bs;
-        // Blocks stored one after the other (no per-block extra data between them) extend
-        // the run.
-        let mut end_virt = (index + 1) * bs;
-        while end_virt < offset + len && at(end_virt / bs) == Some(start + (end_virt - offset)) {
-            end_virt += bs;
-        }
-        Ok(Some((start, end_virt.min(offset + len) - offset)))
+        Ok(crate::layer::block_host_run(
+            offset,
+            len,
+            self.hd.block_size,
+            |index| {
+                let entry = *st.map.get(usize::try_from(index).ok()?)?;
+                is_allocated(entry).then(|| self.slot_offset(entry))
+            },
+        ))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -359,11 +359,11 @@ impl Port {
     /// Issues every slot software has set in PxCI that is not running yet, lowest first.
     pub fn run(&mut self, mem: &GuestMemoryMmap) {
         // The slots started in this pass go to the host in one submission.
-        if let Some(e) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {
+        if let Some(e) = self.engine_mut() {
             e.plug();
         }
         self.start_ready(mem);
-        if let Some(e) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {
+        if let Some(e) = self.engine_mut() {
             e.unplug();
         }
     }
@@ -545,7 +545,7 @@ impl Port {
 
     /// Collects the engine's finished transfers and answers their commands.
     pub fn reap(&mut self, mem: &GuestMemoryMmap) {
-        let Some(engine) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) else {
+        let Some(engine) = self.engine_mut() else {
             return;
         };
         let done: Vec<_> = engine.completions().collect();
@@ -563,7 +563,7 @@ impl Port {
                 .map_err(IoFailure::from_engine);
             if result.is_ok() && f.io.fua && !f.flushing {
                 f.flushing = true;
-                if let Some(engine) = self.unit.as_mut().and_then(|u| u.engine.as_mut()) {
+                if let Some(engine) = self.engine_mut() {
                     if engine.submit(Request::flush(c.user_data)).is_ok() {
                         self.in_flight.insert(c.user_data, f);
                         continue;
@@ -683,6 +683,10 @@ impl Port {
         self.serr |= SERR_DIAG_N | SERR_DIAG_X;
         self.raised |= irq::PCS | irq::PRCS;
         Some(u)
+    }
+
+    fn engine_mut(&mut self) -> Option<&mut IoEngine> {
+        self.unit.as_mut()?.engine.as_mut()
     }
 
     pub fn engine_event(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {

@@ -1,4 +1,4 @@
-//! A raw source file mapped read-only, so that a copy reads the host's page cache in place
+//! A source image file mapped read-only, so that a copy reads the host's page cache in place
 //! instead of copying every byte into a buffer first (zero detection and the target's write
 //! read the mapping directly: one copy per byte instead of two).
 //!
@@ -10,6 +10,7 @@ use std::fs::File;
 use std::path::Path;
 use std::ptr::NonNull;
 
+use crate::error::{Result, StorageError};
 use crate::lock::{ImageLock, LockMode};
 
 pub struct MappedFile {
@@ -28,15 +29,15 @@ unsafe impl Sync for MappedFile {}
 impl MappedFile {
     /// Maps `path` whole, or says why not (the caller then reads it with system calls): an
     /// empty file, a conflicting lock (a VM writes it), or no mapping for this file.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         use rustix::mm::{madvise, mmap, Advice, MapFlags, ProtFlags};
-        let lock = ImageLock::acquire(path, LockMode::Shared)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::WouldBlock, e.to_string()))?;
-        let file = File::open(path)?;
-        let len = usize::try_from(file.metadata()?.len())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        let io = |e: std::io::Error| StorageError::io(path, e);
+        let lock = ImageLock::acquire(path, LockMode::Shared)?;
+        let file = File::open(path).map_err(io)?;
+        let len = usize::try_from(file.metadata().map_err(io)?.len())
+            .map_err(|_| io(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
         if len == 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(io(std::io::Error::from_raw_os_error(libc::EINVAL)));
         }
         // SAFETY: a new shared read-only mapping of `len` bytes of an open file, at an address
         // the kernel chooses; nothing else in this process maps or unmaps that range. The file
@@ -50,9 +51,10 @@ impl MappedFile {
                 &file,
                 0,
             )
-        }?;
+        }
+        .map_err(|e| io(e.into()))?;
         let ptr = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+            .ok_or_else(|| io(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
         // SAFETY: the range is the mapping just made; the advice only steers read-ahead.
         let _ = unsafe { madvise(ptr.as_ptr().cast(), len, Advice::Sequential) };
         Ok(Self {

@@ -564,20 +564,12 @@ impl Layer for ParallelsImage {
     fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
         self.check(offset, len)?;
         let st = self.lock();
-        let idx = offset / self.cluster;
-        let Some(host) = self.host(&st, idx) else {
-            return Ok(None);
-        };
-        let start = host + offset % self.cluster;
-        // Clusters allocated one after the other (as a sequential writer leaves them) extend
-        // the run.
-        let mut end_virt = (idx + 1) * self.cluster;
-        while end_virt < offset + len
-            && self.host(&st, end_virt / self.cluster) == Some(start + (end_virt - offset))
-        {
-            end_virt += self.cluster;
-        }
-        Ok(Some((start, end_virt.min(offset + len) - offset)))
+        Ok(crate::layer::block_host_run(
+            offset,
+            len,
+            self.cluster,
+            |i| self.host(&st, i),
+        ))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;

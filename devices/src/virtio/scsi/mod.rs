@@ -158,6 +158,10 @@ impl VirtioScsi {
         Ok(())
     }
 
+    fn engines(&mut self) -> impl Iterator<Item = &mut IoEngine> {
+        self.ports.values_mut().filter_map(|p| p.engine.as_mut())
+    }
+
     pub fn port_mut(&mut self, port: u8) -> Option<&mut Port> {
         self.ports.get_mut(&port)
     }
@@ -350,9 +354,7 @@ impl VirtioDevice for VirtioScsi {
             }
             _ => {
                 // The requests taken in this pass go to each disk's host in one submission.
-                for e in self.ports.values_mut().filter_map(|p| p.engine.as_mut()) {
-                    e.plug();
-                }
+                self.engines().for_each(IoEngine::plug);
                 let mut used = false;
                 loop {
                     if queue.disable_notification(mem).is_err() {
@@ -385,9 +387,7 @@ impl VirtioDevice for VirtioScsi {
                         _ => break,
                     }
                 }
-                for e in self.ports.values_mut().filter_map(|p| p.engine.as_mut()) {
-                    e.unplug();
-                }
+                self.engines().for_each(IoEngine::unplug);
                 if used {
                     vec![index]
                 } else {
