@@ -121,6 +121,10 @@ if [ -z "$done_line" ] || ! grep -q 'failed=0' <<<"$done_line"; then
         grep -aE -A12 'soft lockup|BUG:|still runs after|survives SIGKILL' "$log" | head -n 80
     fi
 fi
+if grep -aq '^FERRY-TEST [^ ]* FAIL' "$log"; then
+    echo "integration: failed scenarios:"
+    grep -a '^FERRY-TEST [^ ]* FAIL' "$log"
+fi
 if [ -z "$done_line" ]; then
     echo "integration: FAILED: the scenario run did not finish (see $log)"
     exit 1

@@ -76,12 +76,18 @@ settle() {
         done
     fi
     echo "scenarios: kernel messages of the test host (last 40):"
-    dmesg 2>/dev/null | tail -n 40 | sed 's/^/  /'
+    dmesg -s 1048576 2>/dev/null | tail -n 40 | sed 's/^/  /'
 }
 
 # why_rc WHAT: describes a non-zero $rc for a failure message.
 why_rc() {
     if [ "$rc" = timeout ]; then echo "ferry did not finish within $waited s"; else echo "ferry exited $rc, $1"; fi
+}
+
+# host_trouble: how many lockup, stall and BUG reports the test host's kernel log holds.
+host_trouble() {
+    # busybox dmesg reads only the first 16 KiB of the log unless told a size.
+    dmesg -s 1048576 2>/dev/null | grep -cE 'soft lockup|hard LOCKUP|BUG:|rcu_sched self-detected stall|rcu_preempt self-detected stall' || true
 }
 
 # boot NAME SCRIPT [ferry run args...]: runs the guest to its end (or the limit); sets $rc.
@@ -93,11 +99,16 @@ why_rc() {
 # sc_panic sets EXPECT_PANIC: its panic is the point.
 boot() {
     name=$1 script=$2; shift 2
+    trouble_before=$(host_trouble)
     launch "$name" "$BASE_CMDLINE ${EXTRA_CMDLINE:-}ferry.script=$(b64 "$script")" "$@"
     settle "$LIMIT"
     why=""
     if [ "$rc" = timeout ] && ! grep -q '^GUEST-READY' "$OUT/$name.log"; then
         why="the guest froze before GUEST-READY"
+    elif [ "$rc" = timeout ] && [ "$(host_trouble)" -gt "$trouble_before" ]; then
+        # The test host's own kernel locked up or hit a BUG while the guest ran (a CI run
+        # saw one 1309 s into the test host's life): its vCPUs stalled, not ferry's device.
+        why="the test host's kernel reported a lockup or BUG while the guest ran"
     elif grep -q 'triple fault; the machine resets' "$OUT/$name.log"; then
         # Seen only in the test host (QEMU 7.2 TCG with emulated SVM), at random points of
         # boot and I/O; a second one in the same scenario fails it.
