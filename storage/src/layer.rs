@@ -154,12 +154,17 @@ pub trait Layer: Send + Sync {
         })
     }
     /// Where the run at `offset` is stored as it is (not compressed, not behind a sector
-    /// bitmap) in the layer's file `path()`: its offset there, and how many of the `len` bytes
-    /// from `offset` on follow contiguously. `None` where this layer does not hold the run or
-    /// the format cannot say; a reader then uses `read_at`. (A copy reads mapped files in
-    /// place through this.)
+    /// bitmap) in the layer's file [`Layer::mapped_file`]: its offset there, and how many of
+    /// the `len` bytes from `offset` on follow contiguously. `None` where this layer does not
+    /// hold the run or the format cannot say; a reader then uses `read_at`. (A copy reads
+    /// mapped files in place through this.)
     fn host_run(&self, _offset: u64, _len: u64) -> Result<Option<(u64, u64)>> {
         Ok(None)
+    }
+    /// The one host file that every run [`Layer::host_run`] reports lies in; `None` where the
+    /// layer reports none.
+    fn mapped_file(&self) -> Option<PathBuf> {
+        None
     }
     /// Where the layer's data blocks live in its host file, for consistency checks; `None`
     /// for formats without a block table (raw, fixed, VMDK's grain tables).

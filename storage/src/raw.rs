@@ -158,6 +158,9 @@ impl Layer for RawLayer {
         self.check(offset, len)?;
         Ok(Some((offset, len)))
     }
+    fn mapped_file(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         self.file

@@ -886,6 +886,10 @@ impl Layer for VdiLayer {
         Ok((state, (next * bs).min(end) - offset))
     }
 
+    fn mapped_file(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
+
     fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
         self.check(offset, len)?;
         let st = self.read_lock();

@@ -1052,6 +1052,30 @@ impl Layer for VhdLayer {
             Some(d) => self.dyn_status(d, offset, len),
         }
     }
+    fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        self.check(offset, len)?;
+        match &self.dynamic {
+            None => Ok(Some((offset, len))),
+            // A dynamic disk's allocated block reads whole (its bitmap is not consulted); a
+            // differencing disk's may read through to the parent sector by sector.
+            Some(d) if self.disk_type == TYPE_DYNAMIC => {
+                let st = d.state.read().unwrap_or_else(|e| e.into_inner());
+                Ok(crate::layer::block_host_run(
+                    offset,
+                    len,
+                    d.block_size,
+                    |index| {
+                        let entry = *st.bat.get(usize::try_from(index).ok()?)?;
+                        (entry != UNALLOCATED).then(|| u64::from(entry) * SECTOR + d.bitmap_size)
+                    },
+                ))
+            }
+            Some(_) => Ok(None),
+        }
+    }
+    fn mapped_file(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         match &self.dynamic {

@@ -559,7 +559,12 @@ fn clone_refuses_an_existing_target() {
 #[test]
 fn host_runs_hold_what_reads_return() {
     let dir = scratch("host-run");
-    for fmt in [FormatKind::Raw, FormatKind::Vdi, FormatKind::Parallels] {
+    for fmt in [
+        FormatKind::Raw,
+        FormatKind::Vdi,
+        FormatKind::Parallels,
+        FormatKind::Vhd,
+    ] {
         let path = dir.join(format!("img.{}", ext(fmt)));
         let disk = make(&path, fmt, Variant::Dynamic, SIZE);
         // Later blocks first, then earlier ones: the file's order is not the disk's.
@@ -571,6 +576,7 @@ fn host_runs_hold_what_reads_return() {
         disk.flush().unwrap();
         drop(disk);
         let layer = open_image(&path, false).unwrap();
+        assert_eq!(layer.mapped_file().as_deref(), Some(&*path), "{fmt:?}");
         let file = std::fs::read(&path).unwrap();
         let mut found = 0;
         for start in (0..SIZE).step_by(MIB as usize / 2) {

@@ -215,6 +215,63 @@ fn parallels_padded_first_cluster_write_leaves_padding_zero() {
     qemu_check(&d.join("p.hds"));
 }
 
+/// A padded bundle of one image is read in place (`host_run` in the .hds file, past the
+/// padding): the runs hold what the bundle reads, and a clone through the mapping copies the
+/// guest's disk exactly.
+#[test]
+fn parallels_padded_bundle_runs_lie_in_its_image() {
+    let d = scratch("padded-run").join("p.hdd");
+    std::fs::create_dir_all(&d).unwrap();
+    let disk = 8 * MIB / 512;
+    let hds = d.join("p.hds");
+    drop(new_hds(&hds, (disk + 63) * 512));
+    let xml = format!(
+        "<Parallels_disk_image Version=\"1.0\">\n{}<StorageData><Storage><Start>0</Start><End>{}</End>\
+         <Image><GUID>{TOP}</GUID><Type>Compressed</Type><File>p.hds</File></Image></Storage></StorageData>\
+         </Parallels_disk_image>\n",
+        params(disk, 63),
+        disk + 63
+    );
+    std::fs::write(d.join("DiskDescriptor.xml"), xml).unwrap();
+    let b = Bundle::open(&d, true).unwrap();
+    // Later clusters first: the file's order is not the disk's.
+    b.write_at(&pattern(3 * MIB as usize, 4), 4 * MIB, &NoLowerLayers)
+        .unwrap();
+    b.write_at(&pattern(MIB as usize + 512, 5), 0, &NoLowerLayers)
+        .unwrap();
+    b.flush().unwrap();
+    assert_eq!(b.mapped_file().as_deref(), Some(&*hds));
+    let file = std::fs::read(&hds).unwrap();
+    let mut found = 0;
+    for start in (0..disk * 512).step_by(MIB as usize / 2) {
+        let len = (2 * MIB).min(disk * 512 - start);
+        let Some((host, run)) = b.host_run(start, len).unwrap() else {
+            continue;
+        };
+        let mut want = vec![0u8; run as usize];
+        b.read_at(&mut want, start).unwrap();
+        assert!(
+            file[host as usize..][..run as usize] == want,
+            "run at {start}"
+        );
+        found += 1;
+    }
+    assert!(found > 0);
+    let mut whole = vec![0u8; (disk * 512) as usize];
+    b.read_at(&mut whole, 0).unwrap();
+    drop(b);
+    let out = d.parent().unwrap().join("out.raw");
+    let opts = ferry_storage::medium::CloneOptions {
+        format: FormatKind::Raw,
+        variant: Variant::Dynamic,
+        overwrite: true,
+        threads: 2,
+        search: vec![],
+    };
+    ferry_storage::medium::clone(&d, &out, &opts, &ferry_storage::medium::Silent).unwrap();
+    assert!(std::fs::read(&out).unwrap() == whole);
+}
+
 const DESC_HEAD: &str = "<?xml version='1.0' encoding='UTF-8'?>
 <Parallels_disk_image Version=\"1.0\">
 ";
@@ -342,6 +399,9 @@ fn parallels_snapshot_in_bundle_freezes_the_old_state() {
     assert!(std::fs::read(&base).unwrap() == base_bytes);
     let b = Bundle::open(&d, false).unwrap();
     assert_eq!(b.depth(), 2);
+    // Two files hold the disk now: nothing is read in place.
+    assert_eq!(b.mapped_file(), None);
+    assert_eq!(b.host_run(0, MIB).unwrap(), None);
     let mut got = vec![0u8; size as usize];
     b.read_at(&mut got, 0).unwrap();
     assert!(got == model);

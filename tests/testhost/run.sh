@@ -10,7 +10,8 @@
 #   linked ELF file in DIR (found with ldd on this machine) are copied along.
 #   --with-qemu   also put Debian's QEMU into the test host (qemu-system-x86_64
 #                 on PATH there), e.g. to compare ferry with QEMU -enable-kvm
-#   --stall SECONDS  stop the test host when its console is silent this long
+#   --stall SECONDS  stop the test host when its console is silent this long, or when
+#                    its kernel reports a CPU stuck for half as long
 #                 (QEMU TCG's emulated SVM can leave a CPU of the test host stuck
 #                 in a nested guest forever; a silent console is how that shows)
 #   --append ARGS extra kernel command line for the test host
@@ -131,6 +132,17 @@ while :; do
     [ "$r" = 0 ] || [ -n "$line" ] || break
     printf '%s\n' "$line"
     printf '%s\n' "$line" >>"$log"
+    # A test-host CPU stuck for minutes (QEMU TCG's emulated SVM can leave one spinning for
+    # good) keeps the console busy with lockup reports, so silence never comes: that counts as
+    # a stall too. Short lockups pass; the host may recover from those.
+    if [ "$stall" -gt 0 ] && [[ $line =~ soft\ lockup\ -\ CPU#[0-9]+\ stuck\ for\ ([0-9]+)s ]] &&
+        [ "${BASH_REMATCH[1]}" -ge $((stall / 2)) ]; then
+        echo "testhost: a CPU of the test host is stuck for ${BASH_REMATCH[1]}s: stopping the test host" | tee -a "$log"
+        : >"$stalled"
+        kill "$(cat "$tmp/qemu.pid" 2>/dev/null)" 2>/dev/null
+        stall=0
+        continue
+    fi
     case $line in
         *TESTHOST-READY*)
             echo "testhost: payload started $(echo "$(date +%s.%N) $start" | awk '{printf "%.1f", $1 - $2}') s after QEMU start" ;;

@@ -89,18 +89,14 @@ pub fn clone(
     // A disk of one layer whose format stores blocks as they are is read in place, through
     // a mapping of its file, where it can be.
     let top = &disk.layers()[0];
-    let mapped = match (disk.layers().len(), top.format()) {
-        (1, FormatKind::Raw | FormatKind::Vdi | FormatKind::Parallels) if top.path().is_file() => {
-            match MappedFile::open(top.path()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    tracing::debug!("{}: read without a mapping: {e}", top.path().display());
-                    None
-                }
-            }
+    let file = top.mapped_file().filter(|_| disk.layers().len() == 1);
+    let mapped = file.and_then(|f| match MappedFile::open(&f) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::debug!("{}: read without a mapping: {e}", f.display());
+            None
         }
-        _ => None,
-    };
+    });
     let map = mapped.as_ref().map(MappedFile::bytes);
     let in_place = |off: u64, len: usize| -> Option<&[u8]> {
         let (host, run) = top.host_run(off, len as u64).ok()??;

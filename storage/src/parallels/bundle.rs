@@ -327,6 +327,15 @@ pub struct Bundle {
 pub type Opener<'a> = dyn Fn(&Path, bool) -> std::io::Result<Arc<dyn HostFile>> + 'a;
 
 impl Bundle {
+    /// The image when the bundle stores its disk in one file with no snapshot on top (guest
+    /// offset + pad is then the image's offset).
+    fn single_image(&self) -> Option<&dyn Layer> {
+        match self.extents.as_slice() {
+            [e] if e.start == 0 && e.levels.len() == 1 => e.levels.first().map(|l| &**l),
+            _ => None,
+        }
+    }
+
     pub fn open(dir: &Path, writable: bool) -> Result<Self> {
         Self::open_with(dir, writable, &|p, w| {
             LocalFile::open(p, w).map(|f| Arc::new(f) as Arc<dyn HostFile>)
@@ -624,6 +633,17 @@ impl Layer for Bundle {
             }
         }
         Ok((Allocation::Unallocated, want))
+    }
+    fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        self.check(offset, len)?;
+        // Only a bundle of one image file without snapshots has a single file to read.
+        match self.single_image() {
+            Some(image) => image.host_run(offset + self.pad, len),
+            None => Ok(None),
+        }
+    }
+    fn mapped_file(&self) -> Option<PathBuf> {
+        self.single_image()?.mapped_file()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;

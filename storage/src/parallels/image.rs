@@ -561,6 +561,9 @@ impl Layer for ParallelsImage {
         };
         Ok((state, end.min(offset + len) - offset))
     }
+    fn mapped_file(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
     fn host_run(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
         self.check(offset, len)?;
         let st = self.lock();
