@@ -37,8 +37,8 @@ bench: deps
 	tests/bench/formats/run.sh
 	tests/bench/io/run.sh
 	tests/bench/medium/run.sh
-	tests/bench/scsi/run.sh
-	tests/bench/ahci/run.sh
+	tests/bench/scsi/run.sh --rounds 3
+	tests/bench/ahci/run.sh --rounds 3
 
 clean:
 	cargo clean

@@ -8,6 +8,8 @@
 # Usage: tests/bench/controller.sh --controller virtio-scsi|ahci [--runtime SECONDS] [--size MIB]
 #        [--cpus N]   (guest vCPUs for both VMMs, default 1: two-vCPU guests in the test host
 #                      sometimes triple-fault early in boot, see tests/integration/scenarios.sh)
+#        [--rounds N] (ferry, QEMU and host fio each run N times, taking turns; the medians
+#                      are printed: one round's ratios swing by more than 20% on a noisy host)
 # Where this host has no hardware virtualization (tests/testhost/detect.sh), everything runs
 # inside the test host (QEMU TCG with emulated SVM): only the ratios mean something there.
 set -euo pipefail
@@ -15,18 +17,20 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ctl=virtio-scsi
 die() { echo "bench/$ctl: $*" >&2; exit 2; }
-runtime=10 size=256 cpus=1
+runtime=10 size=256 cpus=1 rounds=1
 while [ $# -gt 0 ]; do
     case $1 in
         --controller) ctl=${2:?}; shift 2 ;;
         --runtime) runtime=${2:?}; shift 2 ;;
         --size) size=${2:?}; shift 2 ;;
         --cpus) cpus=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --rounds) rounds=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
-case "$runtime$size$cpus" in *[!0-9]*) die "--runtime, --size and --cpus take numbers" ;; esac
+case "$runtime$size$cpus$rounds" in *[!0-9]*) die "--runtime, --size, --cpus and --rounds take numbers" ;; esac
+[ "$rounds" -ge 1 ] || die "--rounds takes a number from 1 up"
 case $ctl in
     virtio-scsi) qemu_ctl="-device virtio-scsi-pci,id=s" qemu_disk="scsi-hd,drive=d,bus=s.0" ;;
     ahci) qemu_ctl="-device ich9-ahci,id=s" qemu_disk="ide-hd,drive=d,bus=s.0" ;;
@@ -55,7 +59,7 @@ printf '%s\n' "$jobs" >"$payload/jobs"
 cat >"$payload/bench.sh" <<EOF
 # Runs where KVM is (the test host or this machine); written by tests/bench/controller.sh.
 cd "\$(dirname "\$0")"
-RUNTIME=$runtime SIZE=$size CPUS=$cpus CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
+RUNTIME=$runtime SIZE=$size CPUS=$cpus ROUNDS=$rounds CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
 EOF
 cat >>"$payload/bench.sh" <<'EOF'
 img=/tmp/bench-disk.raw
@@ -95,24 +99,33 @@ run_qemu() {
 # results is taken from the better run.
 njobs=$(wc -l <jobs)
 : >results
-for vmm in ferry qemu; do
-    : >"$vmm.best"
-    for try in 1 2; do
-        run_$vmm >"$vmm.try"
-        if [ "$(wc -l <"$vmm.try")" -ge "$(wc -l <"$vmm.best")" ]; then
-            cp "$vmm.try" "$vmm.best"
-        fi
-        [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
-        [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
+round=0
+while [ "$round" -lt "$ROUNDS" ]; do
+    round=$((round + 1))
+    [ "$ROUNDS" -gt 1 ] && echo "BENCH round $round of $ROUNDS"
+    # Taking turns: which VMM goes first alternates, so neither always meets a warmer host.
+    order="ferry qemu"
+    [ $((round % 2)) = 0 ] && order="qemu ferry"
+    for vmm in $order; do
+        : >"$vmm.best"
+        for try in 1 2; do
+            run_$vmm >"$vmm.try"
+            if [ "$(wc -l <"$vmm.try")" -ge "$(wc -l <"$vmm.best")" ]; then
+                cp "$vmm.try" "$vmm.best"
+            fi
+            [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
+            [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
+        done
+        cat "$vmm.best" >>results
+        [ "$ROUNDS" -gt 1 ] && sed 's/^/BENCH   /' "$vmm.best"
+        grep -q "^$vmm " results || { echo "BENCH $vmm failed:"; tail -n 5 $vmm.err | sed 's/^/BENCH   /'; }
     done
-    cat "$vmm.best" >>results
-    grep -q "^$vmm " results || { echo "BENCH $vmm failed:"; tail -n 5 $vmm.err | sed 's/^/BENCH   /'; }
+    while read -r rw bs depth; do
+        ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
+            --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
+            --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
+    done <jobs >>results
 done
-while read -r rw bs depth; do
-    ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
-        --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
-        --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
-done <jobs >>results
 # A job without a result: show what the guest said (kernel messages too) and how the VMM ended.
 for vmm in ferry qemu; do
     missing=
@@ -125,10 +138,18 @@ for vmm in ferry qemu; do
     echo "BENCH $vmm: its standard error ends:"
     tail -n 5 $vmm.err | sed 's/^/BENCH   /'
 done
+[ "$ROUNDS" -gt 1 ] && echo "BENCH medians of $ROUNDS rounds:"
 awk '
-    { iops[$1, $2] = $3; bw[$1, $2] = $4; if (!seen[$2]++) order[n++] = $2 }
+    # Every round adds a value per VMM and job; each column is the median of its values.
+    { k = $1 SUBSEP $2; c = ++cnt[k]; vi[k, c] = $3; vb[k, c] = $4; if (!seen[$2]++) order[n++] = $2 }
     function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
+    function median(v, k, m,    i, j, t, a) {
+        for (i = 1; i <= m; i++) a[i] = v[k, i]
+        for (i = 2; i <= m; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+    }
     END {
+        for (k in cnt) { iops[k] = median(vi, k, cnt[k]); bw[k] = median(vb, k, cnt[k]) }
         printf "%-10s %12s %12s %12s %12s %12s %12s %10s %10s\n", "job", "ferry IOPS", "qemu IOPS", "host IOPS", "ferry MB/s", "qemu MB/s", "host MB/s", "ferry/qemu", "ferry/host"
         for (i = 0; i < n; i++) {
             j = order[i]
