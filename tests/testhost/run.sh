@@ -111,11 +111,11 @@ start=$(date +%s.%N)
 ready_wall=""
 set +e
 stalled="$tmp/stalled"
+quiet_until=$((SECONDS + stall))
 timeout -k 10 "$timeout" $QEMU -accel tcg,thread=multi -cpu max -m "$mem" -smp "$smp" \
     -nographic -no-reboot -vga none -nic none -pidfile "$tmp/qemu.pid" \
     -kernel "$OUT/vmlinuz" -initrd "$tmp/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet $append" 2>&1 |
-quiet_until=$((SECONDS + stall))
 while :; do
     if [ "$stall" -gt 0 ]; then
         left=$((quiet_until - SECONDS))
