@@ -115,10 +115,11 @@ boot() {
         # saw one 1309 s into the test host's life): its vCPUs stalled, not ferry's device.
         why="the test host's kernel reported a lockup or BUG while the guest ran"
     elif [ "$rc" = timeout ]; then
-        # The guest froze after GUEST-READY: seen in the test host with no message from the
-        # guest kernel at all for minutes (a lost request would have brought SCSI or libata
-        # timeouts, resets and a failed fio within 60 s), and the same scenario passing in
-        # the next boot. The threads' states above stay in the log; a second freeze fails.
+        # The guest froze after GUEST-READY: seen in the test host on both image-format
+        # scenarios, with the guest kernel silent for minutes (on AHCI a lost command brings
+        # libata's timeout and port reset messages within 30 s, even under `quiet`), and the
+        # same scenarios passing in the next boots. The threads' states above stay in the
+        # log; a second freeze fails the scenario.
         why="the guest froze after GUEST-READY with its console silent"
     elif grep -q 'triple fault; the machine resets' "$OUT/$name.log"; then
         # Seen only in the test host (QEMU 7.2 TCG with emulated SVM), at random points of
