@@ -331,7 +331,10 @@ impl Bundle {
     /// offset + pad is then the image's offset).
     fn single_image(&self) -> Option<&dyn Layer> {
         match self.extents.as_slice() {
-            [e] if e.start == 0 && e.levels.len() == 1 => e.levels.first().map(|l| &**l),
+            [e] if e.start == 0 => match e.levels.as_slice() {
+                [image] => Some(&**image),
+                _ => None,
+            },
             _ => None,
         }
     }
