@@ -137,6 +137,9 @@ pub trait Layer: Send + Sync {
     /// Writes into this layer; a block allocated for a partial write takes the rest of its
     /// content from `lower`.
     fn write_at(&self, buf: &[u8], offset: u64, lower: &dyn LowerLayers) -> Result<()>;
+    /// Says that `write_at` will fill the range whole next (a copy's run): a format that
+    /// stores it in place allocates its host blocks in one step ([`HostFile::reserve`]).
+    fn reserve(&self, _offset: u64, _len: u64) {}
     /// Makes every completed write durable (data, then metadata).
     fn flush(&self) -> Result<()>;
     /// Drops the range's data where the format can (the range then reads as zeros, or as the

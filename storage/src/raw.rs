@@ -178,6 +178,11 @@ impl Layer for RawLayer {
             .write_at(buf, offset)
             .map_err(|e| StorageError::io(&self.path, e))
     }
+    fn reserve(&self, offset: u64, len: u64) {
+        if self.writable && self.check(offset, len).is_ok() {
+            self.file.reserve(offset, len);
+        }
+    }
     fn flush(&self) -> Result<()> {
         self.file
             .sync()

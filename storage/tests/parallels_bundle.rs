@@ -552,3 +552,43 @@ fn parallels_snapshot_refusals_change_nothing() {
         broken
     );
 }
+
+/// `reserve` before a copy's writes allocates the host blocks of exactly the clusters those
+/// writes will add, where they will be added (one after the other at the end of the file),
+/// so nothing is left allocated past the end of the image.
+#[test]
+fn parallels_reserve_allocates_the_clusters_the_next_writes_add() {
+    use std::os::unix::fs::MetadataExt;
+    let d = scratch("reserve");
+    let p = d.join("r.hds");
+    let img = new_hds(&p, 64 * MIB);
+    let cluster = img.cluster_size();
+    let data = pattern(2 * cluster as usize + 4096, 3);
+    img.write_at(&data[..4096], 40 * MIB, &NoLowerLayers).unwrap();
+    let end = std::fs::metadata(&p).unwrap().len();
+    let sectors = |p: &Path| std::fs::metadata(p).unwrap().blocks();
+    let before = sectors(&p);
+    // Cluster 40 is allocated already; the run reaches two more (41 and 42).
+    let at = 40 * MIB + 4096;
+    img.reserve(at, data.len() as u64);
+    let reserved = sectors(&p) - before;
+    if reserved == 0 {
+        eprintln!("the scratch file system has no fallocate; nothing to test");
+        return;
+    }
+    assert_eq!(reserved * 512, 2 * cluster, "two new clusters' worth");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), end, "the length stays");
+    img.write_at(&data, at, &NoLowerLayers).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let len = std::fs::metadata(&p).unwrap().len();
+    assert_eq!(len, end + 2 * cluster);
+    assert!(
+        sectors(&p) * 512 <= len.next_multiple_of(4096),
+        "blocks allocated past the end: {} bytes for a {len}-byte file",
+        sectors(&p) * 512
+    );
+    let back = read_hds(&p);
+    assert_eq!(&back[at as usize..at as usize + data.len()], &data[..]);
+    qemu_check(&p);
+}

@@ -234,6 +234,7 @@ pub fn copy(
                 for &(at, n) in &p.runs {
                     // A raw target's pieces were written by their readers already.
                     if !parallel_writes {
+                        dst.reserve(p.offset + at as u64, n as u64);
                         if let Err(e) =
                             dst.write_at(&bytes[at..at + n], p.offset + at as u64, lower)
                         {
@@ -267,6 +268,7 @@ fn write_runs(
 ) -> Result<()> {
     let bytes = p.data.bytes();
     for &(at, n) in &p.runs {
+        dst.reserve(p.offset + at as u64, n as u64);
         dst.write_at(&bytes[at..at + n], p.offset + at as u64, lower)?;
         syncer.wrote(n as u64);
     }

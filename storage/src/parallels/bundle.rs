@@ -688,6 +688,22 @@ impl Layer for Bundle {
         }
         Ok(())
     }
+    fn reserve(&self, offset: u64, len: u64) {
+        if self.check(offset, len).is_err() {
+            return;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done + self.pad;
+            let (e, left) = self.extent(off);
+            let n = left.min(len - done);
+            if n == 0 {
+                break;
+            }
+            e.levels[0].reserve(off - e.start, n);
+            done += n;
+        }
+    }
     fn flush(&self) -> Result<()> {
         for e in &self.extents {
             e.levels[0].flush()?;

@@ -628,6 +628,22 @@ impl Layer for ParallelsImage {
         }
         Ok(())
     }
+    fn reserve(&self, offset: u64, len: u64) {
+        if !self.writable || len == 0 || self.check(offset, len).is_err() {
+            return;
+        }
+        let st = self.lock();
+        // New clusters go one after the other from `next_alloc`, in the order written.
+        let first = offset / self.cluster;
+        let last = (offset + len - 1) / self.cluster;
+        let new = (first..=last)
+            .filter(|&i| self.host(&st, i).is_none())
+            .count() as u64;
+        if new > 0 {
+            self.file
+                .reserve(st.next_alloc * SECTOR, new * self.cluster);
+        }
+    }
     fn block_table(&self) -> Result<Option<crate::layer::BlockTable>> {
         let st = self.lock();
         let mult = if self.ext_magic { self.tracks } else { 1 };
