@@ -17,7 +17,7 @@ use ferry_devices::ahci::{Ahci, AhciParams, Unit};
 use ferry_devices::ata::{AtaDevice, AtaDiskParams, AtapiParams};
 use ferry_devices::pci::PciDevice;
 use ferry_devices::{LevelInterrupt, MsiSender};
-use ferry_storage::io::{EngineChoice, EngineOptions, IoEngine};
+use ferry_storage::io::{DeferredSubmit, EngineChoice, EngineOptions, IoEngine};
 use ferry_storage::Disk;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -157,7 +157,7 @@ fuzz_target!(|data: &[u8]| {
         let off = u64::from(op[0]) * 4 % 0x300;
         w(dev, off, u32::from_le_bytes([op[1], op[2], op[3], op[4]]));
         if op[0] & 1 != 0 {
-            dev.run_ports();
+            dev.run_ports().into_iter().for_each(DeferredSubmit::submit);
         }
     }
     let sact = u32::from_le_bytes([issue[0], issue[1], issue[2], issue[3]]);
@@ -167,10 +167,10 @@ fuzz_target!(|data: &[u8]| {
         w(dev, base + 0x34, sact);
         w(dev, base + 0x38, ci);
     }
-    dev.run_ports();
+    dev.run_ports().into_iter().for_each(DeferredSubmit::submit);
     for _ in 0..3 {
         std::thread::sleep(std::time::Duration::from_micros(200));
         dev.io_event(0);
-        dev.run_ports();
+        dev.run_ports().into_iter().for_each(DeferredSubmit::submit);
     }
 });

@@ -457,7 +457,10 @@ mod tests {
             eprintln!("the temp folder's file system has no fallocate; nothing to test");
             return;
         }
-        assert!(after - before >= (512 << 10) / 512, "{before} -> {after} sectors");
+        assert!(
+            after - before >= (512 << 10) / 512,
+            "{before} -> {after} sectors"
+        );
         assert_eq!(f.len().unwrap(), 1 << 20);
         let mut back = vec![1u8; 4096];
         f.read_at(&mut back, 256 << 10).unwrap();

@@ -564,7 +564,8 @@ fn parallels_reserve_allocates_the_clusters_the_next_writes_add() {
     let img = new_hds(&p, 64 * MIB);
     let cluster = img.cluster_size();
     let data = pattern(2 * cluster as usize + 4096, 3);
-    img.write_at(&data[..4096], 40 * MIB, &NoLowerLayers).unwrap();
+    img.write_at(&data[..4096], 40 * MIB, &NoLowerLayers)
+        .unwrap();
     let end = std::fs::metadata(&p).unwrap().len();
     let sectors = |p: &Path| std::fs::metadata(p).unwrap().blocks();
     let before = sectors(&p);
@@ -577,7 +578,11 @@ fn parallels_reserve_allocates_the_clusters_the_next_writes_add() {
         return;
     }
     assert_eq!(reserved * 512, 2 * cluster, "two new clusters' worth");
-    assert_eq!(std::fs::metadata(&p).unwrap().len(), end, "the length stays");
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        end,
+        "the length stays"
+    );
     img.write_at(&data, at, &NoLowerLayers).unwrap();
     img.flush().unwrap();
     drop(img);

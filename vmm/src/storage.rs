@@ -398,7 +398,11 @@ impl MutEventSubscriber for AhciHandler {
         }
         let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
         if data == AHCI_KICK {
-            dev.run_ports();
+            let submits = dev.run_ports();
+            drop(dev);
+            for s in submits {
+                s.submit();
+            }
         } else {
             dev.io_event(data as usize);
         }

@@ -14,6 +14,7 @@ mod tests;
 
 use std::sync::Arc;
 
+use ferry_storage::io::DeferredSubmit;
 use ferry_storage::Disk;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -219,13 +220,19 @@ impl Ahci {
         self.kick.clone()
     }
 
-    /// Fetches and starts the commands software issued since the last call.
-    pub fn run_ports(&mut self) {
+    /// Fetches and starts the commands software issued since the last call. The host I/O
+    /// starts when the caller submits what this returns, after letting go of the lock it
+    /// holds on the controller: a read of host-cached data is copied inside that submission,
+    /// and the guest's register accesses must not wait for it.
+    #[must_use = "the commands' I/O starts only when submitted"]
+    pub fn run_ports(&mut self) -> Vec<DeferredSubmit> {
         let _ = self.kick.read();
+        let mut submits = Vec::new();
         for p in &mut self.ports {
-            p.run(&self.memory);
+            submits.extend(p.run(&self.memory));
         }
         self.update_irq();
+        submits
     }
 
     /// Each port's I/O engine completion eventfd, by port.

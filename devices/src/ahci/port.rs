@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ferry_storage::io::{IoEngine, IoError, Request};
+use ferry_storage::io::{DeferredSubmit, IoEngine, IoError, Request};
 use ferry_storage::Disk;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -357,15 +357,14 @@ impl Port {
     }
 
     /// Issues every slot software has set in PxCI that is not running yet, lowest first.
-    pub fn run(&mut self, mem: &GuestMemoryMmap) {
-        // The slots started in this pass go to the host in one submission.
+    /// The slots started in this pass go to the host in one submission, which the caller
+    /// makes through the returned handle once it has let go of the controller's lock.
+    pub fn run(&mut self, mem: &GuestMemoryMmap) -> Option<DeferredSubmit> {
         if let Some(e) = self.engine_mut() {
             e.plug();
         }
         self.start_ready(mem);
-        if let Some(e) = self.engine_mut() {
-            e.unplug();
-        }
+        self.engine_mut()?.unplug_deferred()
     }
 
     fn start_ready(&mut self, mem: &GuestMemoryMmap) {

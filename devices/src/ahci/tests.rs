@@ -194,7 +194,10 @@ impl Tb {
         }
         self.pw(port, reg::CI, 1 << slot);
         // The event loop's part: the kick fired, the HBA fetches the command.
-        self.dev.run_ports();
+        self.dev
+            .run_ports()
+            .into_iter()
+            .for_each(DeferredSubmit::submit);
     }
 
     fn prdbc(&self, slot: u8) -> u32 {
@@ -221,7 +224,10 @@ impl Tb {
             );
             std::thread::sleep(Duration::from_millis(1));
             self.dev.io_event(port);
-            self.dev.run_ports();
+            self.dev
+                .run_ports()
+                .into_iter()
+                .for_each(DeferredSubmit::submit);
         }
     }
 
@@ -274,7 +280,10 @@ fn issuing_kicks_the_event_loop_which_runs_the_command() {
     tb.pw(1, reg::CI, 1);
     assert_eq!(tb.pr(1, reg::CI), 1, "not run on the vCPU's write");
     assert_eq!(kick.read().unwrap(), 1);
-    tb.dev.run_ports();
+    tb.dev
+        .run_ports()
+        .into_iter()
+        .for_each(DeferredSubmit::submit);
     assert_eq!(tb.pr(1, reg::CI), 0);
     assert_eq!(tb.prdbc(0), 512);
 }
@@ -448,7 +457,10 @@ fn structures_outside_guest_memory_are_host_bus_errors() {
     tb.mem.write_obj(5u32, GuestAddress(h)).unwrap();
     tb.mem.write_obj(1u64 << 40, GuestAddress(h + 8)).unwrap();
     tb.pw(1, reg::CI, 1 << 2);
-    tb.dev.run_ports();
+    tb.dev
+        .run_ports()
+        .into_iter()
+        .for_each(DeferredSubmit::submit);
     assert_ne!(tb.pr(1, reg::IS) & irq::HBFS, 0);
     assert_eq!(tb.pr(1, reg::CI), 0);
     // A command list outside guest memory.
@@ -457,7 +469,10 @@ fn structures_outside_guest_memory_are_host_bus_errors() {
     tb.pw(1, reg::CLBU, 0xffff);
     tb.pw(1, reg::CMD, 1 << 4 | 1);
     tb.pw(1, reg::CI, 1);
-    tb.dev.run_ports();
+    tb.dev
+        .run_ports()
+        .into_iter()
+        .for_each(DeferredSubmit::submit);
     assert_eq!(tb.pr(1, reg::CI), 0);
 }
 
@@ -640,7 +655,10 @@ fn hostile_registers_and_command_tables() {
             }
             3 => {
                 tb.dev.io_event(1);
-                tb.dev.run_ports();
+                tb.dev
+                    .run_ports()
+                    .into_iter()
+                    .for_each(DeferredSubmit::submit);
             }
             _ => {
                 let mut b = [0u8; 8];
@@ -674,7 +692,10 @@ fn short_prdt_and_a_slot_issued_twice() {
     // Slot 2 issued, then issued again before the event loop ran: one command.
     tb.issue(1, 2, h2d(0x25, 0, 8, 0, 0x40), None, &[(DATA, 4096)], false);
     tb.pw(1, reg::CI, 1 << 2);
-    tb.dev.run_ports();
+    tb.dev
+        .run_ports()
+        .into_iter()
+        .for_each(DeferredSubmit::submit);
     tb.wait(1);
     assert_eq!(tb.pr(1, reg::TFD) & 0xff, 0x50);
     assert_eq!(tb.prdbc(2), 4096);

@@ -62,10 +62,12 @@ impl IdentifyPage {
             self.set(w, 120);
         }
         self.set(88, xfer.word88());
-        // Word 93: hardware reset results, bit 14 shall be one, bit 13 an 80-conductor cable
-        // (so a parallel-IDE guest allows Ultra DMA above mode 2), bit 0 shall be one (ACS-3,
-        // Hardware reset results; QEMU sets the same).
-        self.set(93, 0x6001);
+        // Word 93 (hardware reset results) stays 0, as ACS-3 has it for a serial device (word
+        // 222 says serial). Linux's libata takes a device on a SATA port that reports
+        // anything else for a parallel drive behind a bridge and caps every transfer at 128
+        // KiB and UDMA/100 (QEMU's 6001h does exactly that to its AHCI disks). A parallel IDE
+        // controller will need 6001h here: bit 13, an 80-conductor cable, lets the guest use
+        // Ultra DMA above mode 2.
     }
 
     /// Word 255 (ACS-3, Integrity word): signature A5h in bits 0..8, and in bits 8..16 the value

@@ -205,6 +205,13 @@ fn identify_checksum_and_fixed_words() {
     assert_eq!(w[88] & 0x7f, 0x7f);
     assert_eq!(w[106], 0x4000);
     assert_eq!(w[222] >> 12, 1, "serial transport");
+    // What Linux's ata_id_is_sata() asks: major version 5 or later and word 93 zero. Else a
+    // SATA port's device is taken for a bridged parallel drive, limited to 128 KiB transfers.
+    assert_eq!(w[93], 0, "hardware reset results, none on a serial device");
+    assert!(
+        w[80] & 0xffe0 != 0 && w[80] != 0xffff,
+        "major version 5 or later"
+    );
     assert_eq!(w[76] & 0x0006, 0x0006, "Gen1 and Gen2");
     // READ LOG DMA EXT (119/120 bit 3), valid because 86 bit 15 is set.
     assert_eq!(w[86] & 0x8000, 0x8000);

@@ -28,7 +28,7 @@ use super::raw_file::{open_raw, RawFiles};
 use super::request::{Completion, IoError, IoOp, Request, SECTOR};
 use super::thread_pool::{Finished, ThreadPool};
 use super::throttle_timer::Timer;
-use super::uring::Uring;
+use super::uring::{DeferredSubmit, Uring};
 use super::work::Work;
 use crate::layer::FormatKind;
 use crate::Disk;
@@ -343,6 +343,13 @@ impl IoEngine {
         if let Some(u) = &mut self.uring {
             u.unplug();
         }
+    }
+
+    /// Ends a `plug` as [`unplug`](Self::unplug) does, but leaves the system call that
+    /// starts the held requests to the caller: [`DeferredSubmit::submit`], made once the
+    /// caller has let go of the lock it holds on its device. `None` when nothing is held.
+    pub fn unplug_deferred(&mut self) -> Option<DeferredSubmit> {
+        self.uring.as_mut()?.unplug_deferred()
     }
 
     /// Finished requests, in the order they finished. Also clears the eventfd and lets

@@ -55,6 +55,7 @@ pub use engine::{
     EngineChoice, EngineError, EngineKind, EngineOptions, IoEngine, IoStats, MAX_TRANSFER,
 };
 pub use request::{Completion, IoError, IoOp, Request, SECTOR};
+pub use uring::DeferredSubmit;
 
 pub(crate) use iovec::AlignedBuf;
 pub(crate) use work::start_writeback;

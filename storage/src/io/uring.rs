@@ -2,7 +2,8 @@
 //! completions signalled on the engine's eventfd (registered with the ring).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
@@ -11,6 +12,9 @@ use super::work::Work;
 
 pub(crate) struct Uring {
     ring: IoUring,
+    /// A second descriptor of the ring, for [`DeferredSubmit`]: it keeps the kernel's side of
+    /// the ring alive if the engine goes first.
+    enter_fd: Arc<OwnedFd>,
     in_flight: usize,
     capacity: usize,
     /// Entries are queued without a system call until `unplug` (see `IoEngine::plug`).
@@ -40,8 +44,12 @@ impl Uring {
         };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let capacity = ring.params().sq_entries() as usize;
+        // SAFETY: the ring's descriptor is open for as long as `ring`, which is borrowed here.
+        let enter_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.as_raw_fd()) }
+            .try_clone_to_owned()?;
         Ok(Self {
             ring,
+            enter_fd: Arc::new(enter_fd),
             in_flight: 0,
             capacity,
             plugged: false,
@@ -101,6 +109,16 @@ impl Uring {
         }
     }
 
+    /// As `unplug`, but the system call that starts the queued entries is the caller's to
+    /// make, through the returned handle (`None`: nothing is queued).
+    pub(crate) fn unplug_deferred(&mut self) -> Option<DeferredSubmit> {
+        self.plugged = false;
+        if self.ring.submission().is_empty() {
+            return None;
+        }
+        Some(DeferredSubmit(self.enter_fd.clone()))
+    }
+
     fn submit_queued(&mut self) {
         // Once queued an entry belongs to the ring: if the kernel refuses the submit call now,
         // it goes with the next one (every reap retries), and completes from there.
@@ -149,5 +167,51 @@ impl Uring {
             self.reap(out);
         }
         true
+    }
+}
+
+/// Entries queued on an engine's ring whose system call is still to be made. A buffered read
+/// of data the host has cached is copied inside that call, on the calling thread: a device
+/// makes it after letting go of its lock, so that a vCPU touching the device's registers
+/// meanwhile does not wait for megabytes to be copied. Until then the entries are in the
+/// ring, and any later submit or reap of the engine starts them too.
+#[must_use = "the queued requests start only when submitted"]
+pub struct DeferredSubmit(Arc<OwnedFd>);
+
+impl DeferredSubmit {
+    /// Hands the queued entries to the kernel.
+    pub fn submit(self) {
+        loop {
+            // SAFETY: io_uring_enter on a descriptor of a live ring (this handle keeps it
+            // open), with no signal mask or argument pointers. The kernel takes entries up to
+            // the tail the engine published with release ordering when it queued them.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_enter,
+                    self.0.as_raw_fd(),
+                    u32::MAX,
+                    0u32,
+                    0u32,
+                    std::ptr::null::<libc::c_void>(),
+                    0usize,
+                )
+            };
+            if r >= 0 {
+                return;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Short of memory or of completion room for a moment: the entries stay
+                // queued and go with the engine's next submit or reap.
+                Some(libc::EAGAIN | libc::EBUSY) => return,
+                _ => {
+                    tracing::error!(
+                        "I/O engine: io_uring submit failed: {}",
+                        io::Error::last_os_error()
+                    );
+                    return;
+                }
+            }
+        }
     }
 }
