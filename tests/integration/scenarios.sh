@@ -325,7 +325,10 @@ sc_virtio_scsi_formats() {
         port=$((port + 1))
     done
     # shellcheck disable=SC2086
-    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
+    # Kernel messages up to info level from here on (SCSI timeouts and aborts among them):
+    # this scenario has frozen in the test host with the console silent under `quiet`.
+    boot $n 'echo 7 >/proc/sys/kernel/printk
+i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
 for d in /sys/block/sd*; do
   dev=/dev/$(basename $d); t=$(basename "$(readlink -f $d/device)" | cut -d: -f3)
   echo "FIO port$t on $dev"
@@ -470,7 +473,9 @@ sc_ahci_formats() {
         port=$((port + 1))
     done
     # shellcheck disable=SC2086
-    boot $n 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
+    # Kernel messages up to info level from here on, as in sc_virtio_scsi_formats.
+    boot $n 'echo 7 >/proc/sys/kernel/printk
+i=0; while [ $i -lt 30 ] && [ ! -b /dev/sdd ]; do sleep 1; i=$((i + 1)); done
 for d in /sys/block/sd*; do
   dev=/dev/$(basename $d); a=$(readlink -f $d/device | sed -n "s#.*/ata\([0-9]*\)/.*#\1#p"); t=$((a - 1))
   t0=$(cut -d" " -f1 /proc/uptime)

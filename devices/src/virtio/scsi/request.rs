@@ -468,9 +468,28 @@ pub fn control(chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
         return 0;
     }
     let reply: Vec<u8> = match u32::from_le_bytes(kind) {
-        // Commands complete before their request is used, so nothing is ever in flight to
-        // abort or reset: every task-management function is complete at once.
-        T_TMF => vec![S_FUNCTION_COMPLETE],
+        // Every task-management function is answered complete at once. A guest sends one
+        // when a command ran past its timeout: worth a warning, since it means the host's
+        // I/O stalled (or a request was lost).
+        T_TMF => {
+            let mut body = [0u8; 20];
+            let (subtype, target, tag) = match reader.read_exact(&mut body) {
+                Ok(()) => (
+                    u32::from_le_bytes([body[0], body[1], body[2], body[3]]),
+                    body[5],
+                    u64::from_le_bytes([
+                        body[12], body[13], body[14], body[15], body[16], body[17], body[18],
+                        body[19],
+                    ]),
+                ),
+                Err(_) => (u32::MAX, 0, 0),
+            };
+            tracing::warn!(
+                "virtio-scsi: the guest sent task management function {subtype} (0 abort, 5 \
+                 LUN reset) for target {target}, tag {tag:#x}: a command it issued timed out"
+            );
+            vec![S_FUNCTION_COMPLETE]
+        }
         // No asynchronous events are offered (event_actual 0).
         T_AN_QUERY | T_AN_SUBSCRIBE => {
             let mut r = 0u32.to_le_bytes().to_vec();
