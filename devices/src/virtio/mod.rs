@@ -49,13 +49,6 @@ pub trait VirtioDevice: Send {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Vec<usize>;
-    /// Whether the last `process_queue` stopped with buffers left on its queue, having
-    /// started a batch's worth of I/O. The transport then finishes what has completed (the
-    /// device's events), interrupts, and calls `process_queue` again: the guest takes its
-    /// first completions while the rest is still being copied.
-    fn pass_cut_short(&mut self) -> bool {
-        false
-    }
     /// Event sources besides the doorbells (I/O completions), for the vmm to poll.
     fn event_sources(&self) -> Vec<Arc<EventFd>> {
         Vec::new()

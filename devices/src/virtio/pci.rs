@@ -171,20 +171,11 @@ impl VirtioPci {
         {
             return;
         }
-        loop {
-            let used = self
-                .device
-                .process_queue(index, &mut self.queues, &self.memory);
-            for q in used {
-                self.signal_used(q);
-            }
-            if !self.device.pass_cut_short() {
-                break;
-            }
-            // Host-cached data is copied inside the submission: the batch may be done.
-            for i in 0..self.device.event_sources().len() {
-                self.device_event(i);
-            }
+        let used = self
+            .device
+            .process_queue(index, &mut self.queues, &self.memory);
+        for q in used {
+            self.signal_used(q);
         }
     }
 

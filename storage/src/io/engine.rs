@@ -167,8 +167,6 @@ pub struct IoEngine {
     dirty: bool,
     writes_in_flight: usize,
     flushes_in_flight: usize,
-    /// Bytes of reads and writes held back by `plug` (see `held_bytes`).
-    held: u64,
     discard: bool,
     writable: bool,
     group: Option<Arc<BandwidthGroup>>,
@@ -280,7 +278,6 @@ impl IoEngine {
             dirty: true,
             writes_in_flight: 0,
             flushes_in_flight: 0,
-            held: 0,
             discard: opts.discard,
             writable,
             group: opts.bwgroup,
@@ -343,24 +340,15 @@ impl IoEngine {
 
     /// Submits what `plug` held back.
     pub fn unplug(&mut self) {
-        self.held = 0;
         if let Some(u) = &mut self.uring {
             u.unplug();
         }
-    }
-
-    /// Bytes of reads and writes that `plug` holds now. A device may unplug early when
-    /// they add up: where the host has the data cached, the kernel copies it inside the
-    /// submission, and the guest hears of none of the batch until all of it is copied.
-    pub fn held_bytes(&self) -> u64 {
-        self.held
     }
 
     /// Ends a `plug` as [`unplug`](Self::unplug) does, but leaves the system call that
     /// starts the held requests to the caller: [`DeferredSubmit::submit`], made once the
     /// caller has let go of the lock it holds on its device. `None` when nothing is held.
     pub fn unplug_deferred(&mut self) -> Option<DeferredSubmit> {
-        self.held = 0;
         self.uring.as_mut()?.unplug_deferred()
     }
 
@@ -532,9 +520,6 @@ impl IoEngine {
         };
         match (&mut self.uring, on_ring && work.is_file_op()) {
             (Some(ring), true) => {
-                if ring.plugged() && matches!(slot.op, IoOp::Read | IoOp::Write) {
-                    self.held += slot.len;
-                }
                 slot.work = Some(work);
                 let pushed = slot.work.as_ref().map(|w| ring.push(id, w));
                 self.slots[id] = Some(slot);

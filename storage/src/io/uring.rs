@@ -102,10 +102,6 @@ impl Uring {
         self.plugged = true;
     }
 
-    pub(crate) fn plugged(&self) -> bool {
-        self.plugged
-    }
-
     pub(crate) fn unplug(&mut self) {
         self.plugged = false;
         if !self.ring.submission().is_empty() {

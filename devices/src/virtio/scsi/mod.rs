@@ -29,9 +29,6 @@ const QUEUE_SIZE: u16 = 256;
 pub const MAX_TARGET: u16 = 255;
 const DEFAULT_SENSE_SIZE: u32 = 96;
 const DEFAULT_CDB_SIZE: u32 = 32;
-/// Bytes of I/O a request-queue pass starts before it ends early (`pass_cut_short`): a
-/// queue of 4 KiB requests still goes in one submission, megabyte requests one by one.
-const BATCH_BYTES: u64 = 256 << 10;
 
 /// What sits on a port: the SCSI unit, the medium its data goes to, and the I/O engine that
 /// moves reads, writes and flushes (without one, they go through the image layer inline).
@@ -72,8 +69,6 @@ pub struct VirtioScsi {
     events_missed: bool,
     /// Features the driver accepted (events are only sent for those it asked for).
     features: u64,
-    /// The last request-queue pass ended at BATCH_BYTES with buffers left.
-    cut_short: bool,
 }
 
 impl VirtioScsi {
@@ -88,7 +83,6 @@ impl VirtioScsi {
             events: VecDeque::new(),
             events_missed: false,
             features: 0,
-            cut_short: false,
         }
     }
 
@@ -301,10 +295,6 @@ impl VirtioDevice for VirtioScsi {
             .collect()
     }
 
-    fn pass_cut_short(&mut self) -> bool {
-        self.cut_short
-    }
-
     fn process_event(
         &mut self,
         index: usize,
@@ -363,14 +353,11 @@ impl VirtioDevice for VirtioScsi {
                 }
             }
             _ => {
-                // The requests taken in this pass go to each disk's host in one submission,
-                // up to BATCH_BYTES: then the pass ends early, so that the guest hears of
-                // those (see `pass_cut_short`) before the next are copied.
+                // The requests taken in this pass go to each disk's host in one submission.
                 self.engines().for_each(IoEngine::plug);
-                self.cut_short = false;
                 let mut used = false;
                 let mut empty_passes = 0u8;
-                'pass: loop {
+                loop {
                     if queue.disable_notification(mem).is_err() {
                         break;
                     }
@@ -391,10 +378,6 @@ impl VirtioDevice for VirtioScsi {
                                 tracing::debug!("virtio-scsi: used ring: {e}");
                             }
                             used = true;
-                        }
-                        if self.engines().map(|e| e.held_bytes()).sum::<u64>() >= BATCH_BYTES {
-                            self.cut_short = true;
-                            break 'pass;
                         }
                     }
                     // More buffers arrived while notifications were off: go round again.
