@@ -129,14 +129,8 @@ impl Uring {
 
     fn submit(&mut self) -> io::Result<()> {
         loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // The kernel is short of memory for a moment: the entries stay queued and go
-                // with the next submit or reap.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
+            if let Some(r) = submit_outcome(self.ring.submit()) {
+                return r;
             }
         }
     }
@@ -181,7 +175,7 @@ pub struct DeferredSubmit(Arc<OwnedFd>);
 impl DeferredSubmit {
     /// Hands the queued entries to the kernel.
     pub fn submit(self) {
-        loop {
+        let outcome = loop {
             // SAFETY: io_uring_enter on a descriptor of a live ring (this handle keeps it
             // open), with no signal mask or argument pointers. The kernel takes entries up to
             // the tail the engine published with release ordering when it queued them.
@@ -196,22 +190,31 @@ impl DeferredSubmit {
                     0usize,
                 )
             };
-            if r >= 0 {
-                return;
+            let r = if r >= 0 {
+                Ok(r as usize)
+            } else {
+                Err(io::Error::last_os_error())
+            };
+            if let Some(o) = submit_outcome(r) {
+                break o;
             }
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINTR) => continue,
-                // Short of memory or of completion room for a moment: the entries stay
-                // queued and go with the engine's next submit or reap.
-                Some(libc::EAGAIN | libc::EBUSY) => return,
-                _ => {
-                    tracing::error!(
-                        "I/O engine: io_uring submit failed: {}",
-                        io::Error::last_os_error()
-                    );
-                    return;
-                }
-            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!("I/O engine: io_uring submit failed: {e}");
         }
+    }
+}
+
+/// What one submit call's result means: `None` to call again (a signal interrupted it).
+/// Short of memory or of completion room (EAGAIN, EBUSY) counts as done: the entries stay
+/// queued and go with the engine's next submit or reap.
+fn submit_outcome(r: io::Result<usize>) -> Option<io::Result<()>> {
+    match r {
+        Ok(_) => Some(Ok(())),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EINTR) => None,
+            Some(libc::EAGAIN | libc::EBUSY) => Some(Ok(())),
+            _ => Some(Err(e)),
+        },
     }
 }

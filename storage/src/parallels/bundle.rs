@@ -466,6 +466,27 @@ impl Bundle {
         (e, e.start + e.len - offset)
     }
 
+    /// The guest range `offset..offset + len` (checked by the caller) cut where storages end:
+    /// each piece's extent, where the piece starts in it (padding included), where in the
+    /// range, and its length.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Extent, u64, usize, usize)> {
+        let mut done = 0u64;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let off = offset + done + self.pad;
+            let (e, left) = self.extent(off);
+            // 0 only past the last storage, which a checked range never reaches.
+            let n = left.min(len - done);
+            (n > 0).then(|| {
+                let piece = (e, off - e.start, done as usize, n as usize);
+                done += n;
+                piece
+            })
+        })
+    }
+
     /// Takes a snapshot of the bundle in `dir`: the current state is frozen and a new, empty
     /// Compressed image per storage becomes the top, written to from now on. The descriptor
     /// gains the new `<Image>`s, a `<Shot>` whose parent is the old top, and a `<TopGUID>`
@@ -650,13 +671,8 @@ impl Layer for Bundle {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64 + self.pad;
-            let (e, left) = self.extent(off);
-            let n = (left as usize).min(buf.len() - done);
-            read_levels(&e.levels, &mut buf[done..done + n], off - e.start)?;
-            done += n;
+        for (e, at, done, n) in self.pieces(offset, buf.len() as u64) {
+            read_levels(&e.levels, &mut buf[done..done + n], at)?;
         }
         Ok(())
     }
@@ -667,14 +683,10 @@ impl Layer for Bundle {
             });
         }
         self.check(offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64 + self.pad;
-            let (e, left) = self.extent(off);
-            let n = (left as usize).min(buf.len() - done);
+        for (e, at, done, n) in self.pieces(offset, buf.len() as u64) {
             let part = &buf[done..done + n];
             if e.levels.len() > 1 {
-                e.levels[0].write_at(part, off - e.start, &ExtentBelow { ext: e, from: 1 })?;
+                e.levels[0].write_at(part, at, &ExtentBelow { ext: e, from: 1 })?;
             } else {
                 // The bundle's own bottom: below it is whatever is below the bundle.
                 let shifted = Shifted {
@@ -682,26 +694,16 @@ impl Layer for Bundle {
                     start: e.start,
                     pad: self.pad,
                 };
-                e.levels[0].write_at(part, off - e.start, &shifted)?;
+                e.levels[0].write_at(part, at, &shifted)?;
             }
-            done += n;
         }
         Ok(())
     }
     fn reserve(&self, offset: u64, len: u64) {
-        if self.check(offset, len).is_err() {
-            return;
-        }
-        let mut done = 0u64;
-        while done < len {
-            let off = offset + done + self.pad;
-            let (e, left) = self.extent(off);
-            let n = left.min(len - done);
-            if n == 0 {
-                break;
+        if self.check(offset, len).is_ok() {
+            for (e, at, _, n) in self.pieces(offset, len) {
+                e.levels[0].reserve(at, n as u64);
             }
-            e.levels[0].reserve(off - e.start, n);
-            done += n;
         }
     }
     fn flush(&self) -> Result<()> {
