@@ -12,6 +12,8 @@
 #                      are printed: one round's ratios swing by more than 20% on a noisy host)
 # Where this host has no hardware virtualization (tests/testhost/detect.sh), everything runs
 # inside the test host (QEMU TCG with emulated SVM): only the ratios mean something there.
+# Each round then has a test host of its own, and a round whose test host failed (its kernel
+# sometimes locks up, under either VMM) runs once more in a fresh one.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
         --size) size=${2:?}; shift 2 ;;
         --cpus) cpus=${2:?}; shift 2 ;;
         --rounds) rounds=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -59,7 +61,7 @@ printf '%s\n' "$jobs" >"$payload/jobs"
 cat >"$payload/bench.sh" <<EOF
 # Runs where KVM is (the test host or this machine); written by tests/bench/controller.sh.
 cd "\$(dirname "\$0")"
-RUNTIME=$runtime SIZE=$size CPUS=$cpus ROUNDS=$rounds CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
+RUNTIME=$runtime SIZE=$size CPUS=$cpus CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
 EOF
 cat >>"$payload/bench.sh" <<'EOF'
 img=/tmp/bench-disk.raw
@@ -99,36 +101,33 @@ run_qemu() {
 }
 # A guest that stops before its last job (in the nested test host both VMMs' guests sometimes
 # triple-fault; QEMU then exits 0 under -no-reboot) runs once more, and its whole set of
-# results is taken from the better run.
+# results is taken from the better run. One round per run of this script: the file "round"
+# holds its number, which decides which VMM goes first (alternating, so neither always meets
+# a warmer host). Results are printed as "BENCH RESULT vmm job iops kBps".
 njobs=$(wc -l <jobs)
+ROUND=$(cat round)
 : >results
-round=0
-while [ "$round" -lt "$ROUNDS" ]; do
-    round=$((round + 1))
-    [ "$ROUNDS" -gt 1 ] && echo "BENCH round $round of $ROUNDS"
-    # Taking turns: which VMM goes first alternates, so neither always meets a warmer host.
-    order="ferry qemu"
-    [ $((round % 2)) = 0 ] && order="qemu ferry"
-    for vmm in $order; do
-        : >"$vmm.best"
-        for try in 1 2; do
-            run_$vmm >"$vmm.try"
-            if [ "$(wc -l <"$vmm.try")" -ge "$(wc -l <"$vmm.best")" ]; then
-                cp "$vmm.try" "$vmm.best"
-            fi
-            [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
-            [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
-        done
-        cat "$vmm.best" >>results
-        [ "$ROUNDS" -gt 1 ] && sed 's/^/BENCH   /' "$vmm.best"
-        grep -q "^$vmm " results || { echo "BENCH $vmm failed:"; tail -n 5 $vmm.err | sed 's/^/BENCH   /'; }
+echo "BENCH round $ROUND"
+order="ferry qemu"
+[ $((ROUND % 2)) = 0 ] && order="qemu ferry"
+for vmm in $order; do
+    : >"$vmm.best"
+    for try in 1 2; do
+        run_$vmm >"$vmm.try"
+        if [ "$(wc -l <"$vmm.try")" -ge "$(wc -l <"$vmm.best")" ]; then
+            cp "$vmm.try" "$vmm.best"
+        fi
+        [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
+        [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
     done
-    while read -r rw bs depth; do
-        ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
-            --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
-            --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
-    done <jobs >>results
+    cat "$vmm.best" >>results
+    sed 's/^/BENCH   /' "$vmm.best"
 done
+while read -r rw bs depth; do
+    ./fio --name="$rw" --filename="$img" --rw="$rw" --bs="$bs" --iodepth="$depth" --ioengine=libaio \
+        --direct="$direct" --time_based --runtime="$RUNTIME" --size="${SIZE}M" --output-format=terse \
+        --terse-version=3 2>/dev/null | awk -F";" -v j="$rw" '{ if (j ~ /read/) print "host " j " " $8 " " $7; else print "host " j " " $49 " " $48 }'
+done <jobs >>results
 # A job without a result: show what the guest said (kernel messages too) and how the VMM ended.
 for vmm in ferry qemu; do
     missing=
@@ -141,7 +140,44 @@ for vmm in ferry qemu; do
     echo "BENCH $vmm: its standard error ends:"
     tail -n 5 $vmm.err | sed 's/^/BENCH   /'
 done
-[ "$ROUNDS" -gt 1 ] && echo "BENCH medians of $ROUNDS rounds:"
+sed 's/^/BENCH RESULT /' results
+EOF
+
+# One round, on this machine or in a test host of its own: prints the round's lines as they
+# come, and leaves its results in $OUT/$ctl-round.
+run_round() {
+    echo "$1" >"$payload/round"
+    if [ -n "$local_reason" ]; then
+        (cd "$payload" && sh bench.sh) || true
+    else
+        # --stall: a test host whose kernel locked up (seen: RCU stalls and soft lockups on
+        # both CPUs) is stopped instead of waited for. Longer than a frozen guest's kill
+        # limit, so that one only costs its retry.
+        tests/testhost/run.sh --payload "$payload" --script bench.sh --with-qemu --mem 4G --smp 2 \
+            --stall $((400 + 8 * runtime)) --timeout $((900 + 15 * runtime)) || true
+    fi | sed -un 's/^BENCH //p' | tee "$OUT/$ctl-round" | { grep --line-buffered -v '^RESULT ' || true; }
+}
+if local_reason=$(tests/testhost/detect.sh); then
+    echo "bench/$ctl: running here ($local_reason)"
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is needed (apt-get install qemu-system-x86 qemu-utils)"
+else
+    echo "bench/$ctl: inside the test host ($local_reason): absolute numbers are those of a nested guest; compare the ratios"
+    local_reason=
+fi
+all="$OUT/$ctl-results"
+: >"$all"
+# Every round gives a result per job for ferry, QEMU and host fio.
+want=$((3 * $(printf '%s\n' "$jobs" | wc -l)))
+for round in $(seq 1 "$rounds"); do
+    for try in 1 2; do
+        run_round "$round"
+        got=$(grep -c '^RESULT ' "$OUT/$ctl-round" || true)
+        [ "$got" -ge "$want" ] && break
+        [ "$try" = 1 ] && echo "round $round: $got of $want results (the test host failed?); running the round once more"
+    done
+    sed -n 's/^RESULT //p' "$OUT/$ctl-round" >>"$all"
+done
+[ "$rounds" -gt 1 ] && echo "medians of $rounds rounds:"
 awk '
     # Every round adds a value per VMM and job; each column is the median of its values.
     { k = $1 SUBSEP $2; c = ++cnt[k]; vi[k, c] = $3; vb[k, c] = $4; if (!seen[$2]++) order[n++] = $2 }
@@ -158,17 +194,4 @@ awk '
             j = order[i]
             printf "%-10s %12d %12d %12d %12.1f %12.1f %12.1f %10s %10s\n", j, iops["ferry", j], iops["qemu", j], iops["host", j], bw["ferry", j] / 1024, bw["qemu", j] / 1024, bw["host", j] / 1024, r(iops["ferry", j], iops["qemu", j]), r(iops["ferry", j], iops["host", j])
         }
-    }' results | sed 's/^/BENCH /'
-EOF
-if reason=$(tests/testhost/detect.sh); then
-    echo "bench/$ctl: running here ($reason)"
-    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is needed (apt-get install qemu-system-x86 qemu-utils)"
-    (cd "$payload" && sh bench.sh) | sed 's/^BENCH //'
-else
-    echo "bench/$ctl: inside the test host ($reason): absolute numbers are those of a nested guest; compare the ratios"
-    # --stall: a test host whose kernel locked up (seen: RCU stalls and soft lockups on both
-    # CPUs from the fifth minute on) is stopped, not waited for until the timeout. Longer
-    # than a frozen guest's kill limit, so that one only costs its retry.
-    tests/testhost/run.sh --payload "$payload" --script bench.sh --with-qemu --mem 4G --smp 2 \
-        --stall 900 --timeout $(((600 + 15 * runtime) * rounds + 300)) | sed -n 's/^BENCH //p'
-fi
+    }' "$all"
