@@ -400,9 +400,16 @@ impl MutEventSubscriber for AhciHandler {
         if data == AHCI_KICK {
             let submits = dev.run_ports();
             drop(dev);
+            if submits.is_empty() {
+                return;
+            }
             for s in submits {
                 s.submit();
             }
+            self.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reap_ports();
         } else {
             dev.io_event(data as usize);
         }

@@ -235,6 +235,18 @@ impl Ahci {
         submits
     }
 
+    /// Collects what every port's engine has finished: after the submissions `run_ports`
+    /// returned, the commands the kernel completed inside them (a cached read, a buffered
+    /// write), answered without waiting for another wake of the event loop.
+    pub fn reap_ports(&mut self) {
+        for p in &mut self.ports {
+            if p.in_flight_count() > 0 {
+                p.reap(&self.memory);
+            }
+        }
+        self.update_irq();
+    }
+
     /// Each port's I/O engine completion eventfd, by port.
     pub fn io_events(&self) -> Vec<(usize, EventFd)> {
         let _ = self.sources_changed.read();

@@ -543,6 +543,11 @@ impl Port {
     }
 
     /// Collects the engine's finished transfers and answers their commands.
+    /// Commands on the engine, orphaned ones included.
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
     pub fn reap(&mut self, mem: &GuestMemoryMmap) {
         let Some(engine) = self.engine_mut() else {
             return;

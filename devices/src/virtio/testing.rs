@@ -1,6 +1,8 @@
-//! A minimal virtio driver for unit tests: split rings in plain guest memory, one request at
-//! a time, driven through the PCI transport's registers exactly as a guest driver would.
+//! A minimal virtio driver for unit tests: split rings in plain guest memory, driven through
+//! the PCI transport's registers exactly as a guest driver would. Requests go one at a time
+//! (`request`), or several are posted before any is waited for (`post`, `complete`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +41,20 @@ pub struct Driver {
     pub dev: VirtioPci,
     pub line: Arc<Line>,
     used_seen: Vec<u16>,
+    /// Used elements read from the rings and not yet claimed: (queue, head) -> length.
+    used: HashMap<(usize, u16), u32>,
+    /// Where the next posted chain's descriptors and buffers go (reset when none is
+    /// outstanding).
+    next_desc: Vec<u16>,
+    next_buf: u64,
+    outstanding: usize,
+}
+
+/// A chain posted and not yet completed.
+pub struct Posted {
+    q: usize,
+    head: u16,
+    ins: Vec<(u64, usize)>,
 }
 
 fn ring_base(q: usize) -> u64 {
@@ -95,11 +111,15 @@ impl Driver {
             dev,
             line,
             used_seen: vec![0; n],
+            used: HashMap::new(),
+            next_desc: vec![0; n],
+            next_buf: BUFFERS,
+            outstanding: 0,
         }
     }
 
-    /// Posts one chain: `out` buffers the device reads, then writable buffers of `in_lens`
-    /// bytes; rings the doorbell. Returns the used length, or None if the device left the
+    /// Posts one chain and waits for it: `out` buffers the device reads, then writable
+    /// buffers of `in_lens` bytes. Returns the used length, or None if the device left the
     /// chain unused, and the writable buffers' contents.
     pub fn request(
         &mut self,
@@ -107,8 +127,19 @@ impl Driver {
         out: &[&[u8]],
         in_lens: &[usize],
     ) -> (Option<u32>, Vec<Vec<u8>>) {
+        let p = self.post(q, out, in_lens);
+        self.complete(p)
+    }
+
+    /// Posts one chain and rings the doorbell, without waiting for the device's answer.
+    pub fn post(&mut self, q: usize, out: &[&[u8]], in_lens: &[usize]) -> Posted {
+        if self.outstanding == 0 {
+            self.next_buf = BUFFERS;
+            self.next_desc.fill(0);
+        }
+        self.outstanding += 1;
         let base = ring_base(q);
-        let mut addr = BUFFERS;
+        let mut addr = self.next_buf;
         let mut descs: Vec<(u64, u32, u16)> = Vec::new();
         for b in out {
             self.mem.write_slice(b, GuestAddress(addr)).unwrap();
@@ -124,21 +155,29 @@ impl Driver {
             ins.push((addr, l));
             addr += (l as u64).next_multiple_of(16).max(16);
         }
+        self.next_buf = addr;
+        let head = self.next_desc[q];
         let n = descs.len();
+        assert!(
+            usize::from(head) + n <= usize::from(QUEUE_SIZE),
+            "descriptor table full"
+        );
+        self.next_desc[q] += n as u16;
         for (i, (a, l, f)) in descs.into_iter().enumerate() {
             let next = if i + 1 < n { 1 } else { 0 };
+            let index = u64::from(head) + i as u64;
             let raw: [u64; 2] = [
                 a,
-                u64::from(l) | (u64::from(f | next) << 32) | ((i as u64 + 1) << 48),
+                u64::from(l) | (u64::from(f | next) << 32) | ((index + 1) << 48),
             ];
             self.mem
-                .write_obj(raw, GuestAddress(base + 16 * i as u64))
+                .write_obj(raw, GuestAddress(base + 16 * index))
                 .unwrap();
         }
         let idx: u16 = self.mem.read_obj(GuestAddress(base + 0x102)).unwrap();
         self.mem
             .write_obj(
-                0u16,
+                head,
                 GuestAddress(base + 0x104 + 2 * u64::from(idx % QUEUE_SIZE)),
             )
             .unwrap();
@@ -146,29 +185,31 @@ impl Driver {
             .write_obj(idx.wrapping_add(1), GuestAddress(base + 0x102))
             .unwrap();
         self.dev.queue_notified(q);
-        let mut used: u16 = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
-        // Requests on an I/O engine finish later: poll the device's event sources a while.
+        Posted { q, head, ins }
+    }
+
+    /// The used length of a posted chain if the device has answered it, without letting the
+    /// device look at its event sources.
+    pub fn answered(&mut self, p: &Posted) -> Option<u32> {
+        self.read_used(p.q);
+        self.used.get(&(p.q, p.head)).copied()
+    }
+
+    /// Waits for a posted chain: requests on an I/O engine finish later, so the device's
+    /// event sources are polled a while. Returns what `request` does.
+    pub fn complete(&mut self, p: Posted) -> (Option<u32>, Vec<Vec<u8>>) {
         let events = self.dev.device_events().len();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while used == self.used_seen[q] && events > 0 && std::time::Instant::now() < deadline {
+        while self.answered(&p).is_none() && events > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
             for i in 0..events {
                 self.dev.device_event(i);
             }
-            used = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
         }
-        let len = if used != self.used_seen[q] {
-            let slot = u64::from(self.used_seen[q] % QUEUE_SIZE);
-            self.used_seen[q] = used;
-            Some(
-                self.mem
-                    .read_obj::<u32>(GuestAddress(base + 0x204 + 8 * slot + 4))
-                    .unwrap(),
-            )
-        } else {
-            None
-        };
-        let contents = ins
+        self.outstanding -= 1;
+        let len = self.used.remove(&(p.q, p.head));
+        let contents = p
+            .ins
             .into_iter()
             .map(|(a, l)| {
                 let mut v = vec![0u8; l];
@@ -177,5 +218,19 @@ impl Driver {
             })
             .collect();
         (len, contents)
+    }
+
+    /// Moves queue `q`'s new used elements into `used`.
+    fn read_used(&mut self, q: usize) {
+        let base = ring_base(q);
+        let used: u16 = self.mem.read_obj(GuestAddress(base + 0x202)).unwrap();
+        while self.used_seen[q] != used {
+            let slot = u64::from(self.used_seen[q] % QUEUE_SIZE);
+            let elem = base + 0x204 + 8 * slot;
+            let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+            self.used.insert((q, id as u16), len);
+            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+        }
     }
 }

@@ -41,6 +41,10 @@ pub const MAX_TRANSFER: u64 = 64 << 20;
 /// applies within this.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
 
+/// Buffered reads from this size up are copied by io_uring's workers (see
+/// `IoEngine::copies_on_worker`).
+const WORKER_READ_MIN: u64 = 128 << 10;
+
 /// The most iovecs one readv/writev takes (Linux UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
@@ -145,6 +149,8 @@ pub struct IoStats {
     pub bounced: u64,
     /// Copied through the image layer (dynamic formats, chains).
     pub image_layer: u64,
+    /// Reads handed to io_uring's worker threads (large ones through the page cache).
+    pub on_workers: u64,
 }
 
 pub struct IoEngine {
@@ -518,10 +524,12 @@ impl IoEngine {
                 self.slots.len() - 1
             }
         };
+        let worker = self.copies_on_worker(&slot, &work);
         match (&mut self.uring, on_ring && work.is_file_op()) {
             (Some(ring), true) => {
+                self.stats.on_workers += u64::from(worker);
                 slot.work = Some(work);
-                let pushed = slot.work.as_ref().map(|w| ring.push(id, w));
+                let pushed = slot.work.as_ref().map(|w| ring.push(id, w, worker));
                 self.slots[id] = Some(slot);
                 if let Some(Err(e)) = pushed {
                     self.finish(id, None, Err(IoError::Host(e)));
@@ -533,6 +541,17 @@ impl IoEngine {
             }
         }
         Ok(())
+    }
+
+    /// Whether a read goes to io_uring's workers: a large read through the page cache is a
+    /// copy the kernel would make inline, in the submitting thread, one request after another;
+    /// on workers several copy at once, as with QEMU's aio=threads. Small reads stay inline,
+    /// where handing them over costs more than the copy.
+    fn copies_on_worker(&self, slot: &Slot, work: &Work) -> bool {
+        slot.op == IoOp::Read
+            && slot.len >= WORKER_READ_MIN
+            && matches!((work, &self.raw),
+                (Work::Readv { fd, .. }, Some(raw)) if *fd == raw.buffered.as_raw_fd())
     }
 
     /// The host operation for a validated request.

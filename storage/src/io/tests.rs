@@ -151,6 +151,33 @@ fn raw_roundtrip_in_both_engines_and_cache_modes() {
     }
 }
 
+/// A large read through the page cache goes to io_uring's workers, so that several copy at
+/// once; a small one, or one with O_DIRECT, is made inline. The data is the same.
+#[test]
+fn large_cached_reads_go_to_io_uring_workers() {
+    let mem = memory();
+    for cache in [true, false] {
+        let disk = raw_disk(&format!("workers-{cache}.raw"), 4 * MIB);
+        let mut e = engine(disk, &mem, cache, EngineChoice::Auto);
+        if e.kind() != EngineKind::IoUring {
+            eprintln!("no io_uring on this host: nothing to test");
+            return;
+        }
+        let data = pattern(MIB as usize, 3);
+        mem.write_slice(&data, GuestAddress(0x10_0000)).unwrap();
+        let sg = vec![(GuestAddress(0x10_0000), data.len())];
+        run(&mut e, Request::write(MIB, sg, 1)).unwrap();
+        let sg = vec![(GuestAddress(0x30_0000), data.len())];
+        run(&mut e, Request::read(MIB, sg, 2)).unwrap();
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(0x30_0000)).unwrap();
+        assert!(back == data, "cache={cache}: the read returned other bytes");
+        let sg = vec![(GuestAddress(0x50_0000), 4096)];
+        run(&mut e, Request::read(MIB, sg, 3)).unwrap();
+        assert_eq!(e.stats().on_workers, u64::from(cache), "cache={cache}");
+    }
+}
+
 #[test]
 fn many_requests_in_flight() {
     let mem = memory();

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::work::Work;
@@ -60,9 +60,10 @@ impl Uring {
         self.in_flight < self.capacity
     }
 
-    /// Queues `work` (a file operation) under `id`. The caller keeps `work` and its buffers
-    /// alive and unmoved until `reap` returns `id`.
-    pub(crate) fn push(&mut self, id: usize, work: &Work) -> io::Result<()> {
+    /// Queues `work` (a file operation) under `id`; `worker`: performed by one of io_uring's
+    /// worker threads rather than inline in the submit call. The caller keeps `work` and its
+    /// buffers alive and unmoved until `reap` returns `id`.
+    pub(crate) fn push(&mut self, id: usize, work: &Work, worker: bool) -> io::Result<()> {
         let entry = match work {
             Work::Readv { fd, offset, iov } => {
                 opcode::Readv::new(types::Fd(*fd), iov.as_ptr(), iov.count() as u32)
@@ -84,6 +85,11 @@ impl Uring {
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
         .user_data(id as u64);
+        let entry = if worker {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         // SAFETY: the entry's fd and iovec array (and the memory the iovecs name: guest memory
         // held mapped by the engine, or a bounce buffer in the same in-flight slot) stay valid
         // until its completion is reaped, which the engine guarantees (it drains the ring

@@ -116,6 +116,7 @@ impl VirtioScsi {
     /// Removes the unit on `port` and queues the hot-unplug event for the driver.
     pub fn detach(&mut self, port: u8) -> Option<Port> {
         let p = self.ports.remove(&port)?;
+        self.in_flight.forget_port(port);
         self.events.push_back(Event {
             event: T_TRANSPORT_RESET,
             target: port,
@@ -208,6 +209,38 @@ impl VirtioScsi {
             self.events_missed = true;
         }
         used
+    }
+}
+
+impl VirtioScsi {
+    /// Answers the commands whose transfers port `port_id`'s engine has finished, and the
+    /// task management that waited for them; adds each queue that got one to `signal`.
+    fn answer_finished(
+        &mut self,
+        port_id: u8,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        signal: &mut Vec<usize>,
+    ) {
+        let Some(port) = self.ports.get_mut(&port_id) else {
+            return;
+        };
+        let answered = request::reap(mem, port_id, port, &mut self.in_flight);
+        // Task management waiting for these commands is answered after them.
+        let tmfs = self.in_flight.finish_tmfs(mem);
+        let tmfs = tmfs
+            .into_iter()
+            .map(|(head, len)| (CONTROL_QUEUE, head, len));
+        for (q, head, len) in answered.into_iter().chain(tmfs) {
+            if let Some(queue) = queues.get_mut(q) {
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    tracing::debug!("virtio-scsi: used ring: {e}");
+                }
+                if !signal.contains(&q) {
+                    signal.push(q);
+                }
+            }
+        }
     }
 }
 
@@ -304,20 +337,8 @@ impl VirtioDevice for VirtioScsi {
         let Some(&port_id) = self.event_ports.get(index) else {
             return Vec::new();
         };
-        let Some(port) = self.ports.get_mut(&port_id) else {
-            return Vec::new();
-        };
         let mut signal = Vec::new();
-        for (q, head, len) in request::reap(mem, port_id, port, &mut self.in_flight) {
-            if let Some(queue) = queues.get_mut(q) {
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    tracing::debug!("virtio-scsi: used ring: {e}");
-                }
-                if !signal.contains(&q) {
-                    signal.push(q);
-                }
-            }
-        }
+        self.answer_finished(port_id, queues, mem, &mut signal);
         signal
     }
 
@@ -327,9 +348,10 @@ impl VirtioDevice for VirtioScsi {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Vec<usize> {
-        let Some(queue) = queues.get_mut(index) else {
+        if index >= queues.len() {
             return Vec::new();
-        };
+        }
+        let queue = &mut queues[index];
         match index {
             EVENT_QUEUE => {
                 if self.deliver_events(queue, mem) {
@@ -342,9 +364,12 @@ impl VirtioDevice for VirtioScsi {
                 let mut used = false;
                 while let Some(chain) = queue.pop_descriptor_chain(mem) {
                     let head = chain.head_index();
-                    let len = request::control(chain, mem);
-                    let _ = queue.add_used(mem, head, len);
-                    used = true;
+                    if let request::Handled::Done(len) =
+                        request::control(chain, mem, &mut self.ports, &mut self.in_flight)
+                    {
+                        let _ = queue.add_used(mem, head, len);
+                        used = true;
+                    }
                 }
                 if used {
                     vec![CONTROL_QUEUE]
@@ -393,11 +418,14 @@ impl VirtioDevice for VirtioScsi {
                     }
                 }
                 self.engines().for_each(IoEngine::unplug);
-                if used {
-                    vec![index]
-                } else {
-                    Vec::new()
+                let mut signal = if used { vec![index] } else { Vec::new() };
+                // A read the host has cached, or a small write, is often done when the submit
+                // call returns: answer it now, not after another wake of the event loop.
+                for i in 0..self.event_ports.len() {
+                    let port_id = self.event_ports[i];
+                    self.answer_finished(port_id, queues, mem, &mut signal);
                 }
+                signal
             }
         }
     }

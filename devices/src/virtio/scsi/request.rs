@@ -26,9 +26,23 @@ const CHUNK: usize = 1 << 20;
 
 const S_OK: u8 = 0;
 const S_OVERRUN: u8 = 1;
+const S_ABORTED: u8 = 2;
 const S_BAD_TARGET: u8 = 3;
+const S_RESET: u8 = 4;
 const S_FAILURE: u8 = 9;
 const S_FUNCTION_COMPLETE: u8 = 0;
+const S_FUNCTION_SUCCEEDED: u8 = 10;
+const S_FUNCTION_REJECTED: u8 = 11;
+const S_INCORRECT_LUN: u8 = 12;
+
+/// Task-management function subtypes (virtio_scsi_ctrl_tmf.subtype).
+const TMF_ABORT_TASK: u32 = 0;
+const TMF_ABORT_TASK_SET: u32 = 1;
+const TMF_CLEAR_TASK_SET: u32 = 3;
+const TMF_I_T_NEXUS_RESET: u32 = 4;
+const TMF_LOGICAL_UNIT_RESET: u32 = 5;
+const TMF_QUERY_TASK: u32 = 6;
+const TMF_QUERY_TASK_SET: u32 = 7;
 
 const T_TMF: u32 = 0;
 const T_AN_QUERY: u32 = 1;
@@ -51,6 +65,11 @@ pub struct InFlight {
     pub head: u16,
     pub port: u8,
     lun: u16,
+    /// The driver's tag for the command, which task management names it by.
+    tag: u64,
+    /// Set by task management: the command is answered with this response (ABORTED or
+    /// RESET) once its transfer has finished on the host.
+    cancelled: Option<u8>,
     io: MediumIo,
     /// Where the response goes, and how much Data-In room the driver gave.
     resp: Sg,
@@ -59,16 +78,55 @@ pub struct InFlight {
     flushing: bool,
 }
 
-/// Requests in flight on every port's engine, by the engine's user_data.
+/// Requests in flight on every port's engine, by the engine's user_data, and the
+/// task-management requests waiting for some of them.
 #[derive(Default)]
 pub struct InFlightSet {
     next: u64,
     map: HashMap<u64, InFlight>,
+    tmfs: Vec<PendingTmf>,
+}
+
+/// A task-management request answered once the commands it cancelled have finished on the
+/// host: a driver that heard "complete" earlier would reuse buffers still being filled.
+struct PendingTmf {
+    head: u16,
+    resp: Sg,
+    waits_for: Vec<u64>,
+    response: u8,
 }
 
 impl InFlightSet {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.tmfs.clear();
+    }
+
+    /// Drops the commands of a port whose engine is gone: nothing will complete them, and
+    /// task management must not wait for them.
+    pub fn forget_port(&mut self, port: u8) {
+        self.map.retain(|_, e| e.port != port);
+    }
+
+    /// Answers the task-management requests whose commands are all done; returns (head,
+    /// used length) for each.
+    pub fn finish_tmfs(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        let map = &self.map;
+        let mut done = Vec::new();
+        self.tmfs.retain_mut(|t| {
+            t.waits_for.retain(|id| map.contains_key(id));
+            if !t.waits_for.is_empty() {
+                return true;
+            }
+            let used = if write_sg(mem, &t.resp, &[t.response]) {
+                1
+            } else {
+                0
+            };
+            done.push((t.head, used));
+            false
+        });
+        done
     }
 }
 
@@ -195,6 +253,10 @@ pub fn command(chain: Chain<'_>, mem: &GuestMemoryMmap, ctx: &mut CommandCtx<'_>
         Response::transport(S_FAILURE)
     } else {
         let lun = &header[0..8];
+        let tag = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+            header[15],
+        ]);
         let cdb = &header[REQ_HEADER..];
         match address(lun).and_then(|(t, l)| ctx.ports.get_mut(&t).map(|p| (t, p, l))) {
             None => Response::transport(S_BAD_TARGET),
@@ -222,6 +284,8 @@ pub fn command(chain: Chain<'_>, mem: &GuestMemoryMmap, ctx: &mut CommandCtx<'_>
                                 head,
                                 port: target,
                                 lun: unit,
+                                tag,
+                                cancelled: None,
                                 io,
                                 resp: sg_range(descs(true), 0, resp_len),
                                 in_capacity,
@@ -327,6 +391,18 @@ pub fn reap(
         if entry.port != port_id {
             continue;
         }
+        let resp_len = sg_len(&entry.resp);
+        if let Some(response) = entry.cancelled {
+            // Task management cancelled it: no status, no data, whatever the host did.
+            let resp = Response::transport(response).encode(resp_len);
+            let used = if write_sg(mem, &entry.resp, &resp) {
+                resp_len as u32
+            } else {
+                0
+            };
+            answered.push((entry.queue, entry.head, used));
+            continue;
+        }
         let result = c
             .result
             .as_ref()
@@ -348,7 +424,6 @@ pub fn reap(
             _ => 0,
         };
         let comp = port.target.io_done(entry.lun, &entry.io, result);
-        let resp_len = sg_len(&entry.resp);
         let resp = Response {
             response: S_OK,
             status: comp.status.code(),
@@ -458,37 +533,53 @@ fn perform(
     (r, false)
 }
 
-/// A control-queue request: task management and asynchronous-notification setup.
-pub fn control(chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
-    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
-        return 0;
+/// A control-queue request: task management and asynchronous-notification setup. A task
+/// management function that cancelled commands still on the host is answered later, by
+/// `InFlightSet::finish_tmfs`.
+pub fn control(
+    chain: Chain<'_>,
+    mem: &GuestMemoryMmap,
+    ports: &mut BTreeMap<u8, Port>,
+    set: &mut InFlightSet,
+) -> Handled {
+    let head = chain.head_index();
+    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.clone().writer(mem))
+    else {
+        return Handled::Done(0);
     };
     let mut kind = [0u8; 4];
     if reader.read_exact(&mut kind).is_err() {
-        return 0;
+        return Handled::Done(0);
     }
     let reply: Vec<u8> = match u32::from_le_bytes(kind) {
-        // Every task-management function is answered complete at once. A guest sends one
-        // when a command ran past its timeout: worth a warning, since it means the host's
-        // I/O stalled (or a request was lost).
         T_TMF => {
+            // subtype, lun[8], id (the command's tag).
             let mut body = [0u8; 20];
-            let (subtype, target, tag) = match reader.read_exact(&mut body) {
-                Ok(()) => (
-                    u32::from_le_bytes([body[0], body[1], body[2], body[3]]),
-                    body[5],
-                    u64::from_le_bytes([
-                        body[12], body[13], body[14], body[15], body[16], body[17], body[18],
-                        body[19],
-                    ]),
-                ),
-                Err(_) => (u32::MAX, 0, 0),
-            };
-            tracing::warn!(
-                "virtio-scsi: the guest sent task management function {subtype} (0 abort, 5 \
-                 LUN reset) for target {target}, tag {tag:#x}: a command it issued timed out"
-            );
-            vec![S_FUNCTION_COMPLETE]
+            if reader.read_exact(&mut body).is_err() {
+                return Handled::Done(0);
+            }
+            let subtype = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+            let tag = u64::from_le_bytes([
+                body[12], body[13], body[14], body[15], body[16], body[17], body[18], body[19],
+            ]);
+            let (response, waits_for) = task_management(subtype, &body[4..12], tag, ports, set);
+            if !waits_for.is_empty() {
+                let resp = chain
+                    .clone()
+                    .filter(|d| d.is_write_only())
+                    .map(|d| (d.addr(), d.len() as usize));
+                let resp = sg_range(resp, 0, 1);
+                if sg_len(&resp) == 1 {
+                    set.tmfs.push(PendingTmf {
+                        head,
+                        resp,
+                        waits_for,
+                        response,
+                    });
+                    return Handled::Queued;
+                }
+            }
+            vec![response]
         }
         // No asynchronous events are offered (event_actual 0).
         T_AN_QUERY | T_AN_SUBSCRIBE => {
@@ -496,12 +587,93 @@ pub fn control(chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
             r.push(S_OK);
             r
         }
-        _ => return 0,
+        _ => return Handled::Done(0),
     };
     if writer.available_bytes() < reply.len() || writer.write_all(&reply).is_err() {
-        return 0;
+        return Handled::Done(0);
     }
-    reply.len() as u32
+    Handled::Done(reply.len() as u32)
+}
+
+/// Runs a task-management function (SAM-5 7, as virtio-scsi carries it): returns the
+/// response and the in-flight commands it must wait for. Cancelled commands cannot be
+/// taken back from the host; they are marked, and answered ABORTED or RESET when their
+/// transfer ends.
+fn task_management(
+    subtype: u32,
+    lun: &[u8],
+    tag: u64,
+    ports: &mut BTreeMap<u8, Port>,
+    set: &mut InFlightSet,
+) -> (u8, Vec<u64>) {
+    let Some((target, unit)) = address(lun) else {
+        return (S_BAD_TARGET, Vec::new());
+    };
+    let Some(port) = ports.get_mut(&target) else {
+        return (S_BAD_TARGET, Vec::new());
+    };
+    if subtype != TMF_I_T_NEXUS_RESET && port.target.unit(unit).is_none() {
+        return (S_INCORRECT_LUN, Vec::new());
+    }
+    // Which in-flight commands the function names, and how they are answered.
+    let (one_task, whole_target, cancel) = match subtype {
+        TMF_ABORT_TASK => (true, false, Some(S_ABORTED)),
+        TMF_ABORT_TASK_SET | TMF_CLEAR_TASK_SET => (false, false, Some(S_ABORTED)),
+        TMF_LOGICAL_UNIT_RESET => (false, false, Some(S_RESET)),
+        TMF_I_T_NEXUS_RESET => (false, true, Some(S_RESET)),
+        TMF_QUERY_TASK => (true, false, None),
+        TMF_QUERY_TASK_SET => (false, false, None),
+        // CLEAR ACA (no ACA is ever established) and anything unknown.
+        _ => {
+            tracing::warn!("virtio-scsi: task management function {subtype} rejected");
+            return (S_FUNCTION_REJECTED, Vec::new());
+        }
+    };
+    // Commands cancelled by an earlier function are named (and waited for) again.
+    let named: Vec<u64> = set
+        .map
+        .iter()
+        .filter(|(_, e)| {
+            e.port == target && (whole_target || e.lun == unit) && (!one_task || e.tag == tag)
+        })
+        .map(|(&id, _)| id)
+        .collect();
+    let Some(response) = cancel else {
+        // QUERY TASK (SET): whether such a command is still in the task set.
+        let live = named
+            .iter()
+            .any(|id| set.map.get(id).is_some_and(|e| e.cancelled.is_none()));
+        return (
+            if live {
+                S_FUNCTION_SUCCEEDED
+            } else {
+                S_FUNCTION_COMPLETE
+            },
+            Vec::new(),
+        );
+    };
+    // A guest sends these when a command ran past its timeout: worth a warning, since it
+    // means the host's I/O stalled (or a request was lost).
+    tracing::warn!(
+        "virtio-scsi: task management function {subtype} (0 abort, 5 LUN reset) for target \
+         {target} LUN {unit}, tag {tag:#x}: {} command(s) in flight cancelled",
+        named.len()
+    );
+    for id in &named {
+        if let Some(e) = set.map.get_mut(id) {
+            e.cancelled.get_or_insert(response);
+        }
+    }
+    match subtype {
+        TMF_LOGICAL_UNIT_RESET => {
+            if let Some(u) = port.target.unit_mut(unit) {
+                u.reset();
+            }
+        }
+        TMF_I_T_NEXUS_RESET => port.target.reset(),
+        _ => {}
+    }
+    (S_FUNCTION_COMPLETE, named)
 }
 
 #[cfg(test)]

@@ -180,6 +180,86 @@ fn task_management_and_hotplug_events() {
     assert_eq!(used, None);
 }
 
+/// virtio_scsi_ctrl_tmf: type, subtype, lun, id.
+fn tmf(subtype: u32, target: u8, lun: u8, tag: u64) -> Vec<u8> {
+    let mut t = 0u32.to_le_bytes().to_vec();
+    t.extend_from_slice(&subtype.to_le_bytes());
+    t.extend_from_slice(&[1, target, 0x40, lun, 0, 0, 0, 0]);
+    t.extend_from_slice(&tag.to_le_bytes());
+    t
+}
+
+/// Task management names commands by their tag. A command still on the host when it is
+/// aborted is answered ABORTED once its transfer ends, and only then is the abort answered
+/// (Linux reuses an aborted command's buffers as soon as the abort completes). Addressing
+/// errors and the query functions are answered at once.
+#[test]
+fn task_management_waits_for_the_commands_it_cancels() {
+    use ferry_storage::io::{BandwidthGroup, BandwidthGroupSpec, EngineOptions, IoEngine};
+    let (_img, disk) = image("tmf-eng", 1 << 20);
+    let mem = Driver::memory();
+    // Two requests a second: after the first, each waits in the engine for about half a
+    // second, which keeps it in flight while task management names it.
+    let group = Arc::new(BandwidthGroup::new(&BandwidthGroupSpec {
+        name: "slow".into(),
+        limit: 0,
+        iops: 2,
+    }));
+    let opts = EngineOptions {
+        bwgroup: Some(group),
+        ..Default::default()
+    };
+    let engine = IoEngine::new(disk.clone(), mem.clone(), opts).unwrap();
+    let mut dev = VirtioScsi::new(1);
+    dev.attach(2, disk_unit(1 << 20), Some(disk), Some(engine))
+        .unwrap();
+    let mut d = Driver::with_memory(mem, Box::new(dev), 0);
+    cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    // READ(10) of 8 blocks, tag 7 (see `header`), twice: the second is held back.
+    let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], &[], 4096);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    let h = header(2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+    let read = d.post(2, &[&h], &[RESP, 4096]);
+    assert_eq!(d.answered(&read), None);
+    // Addressing: no target 9, no LUN 1 on target 2; CLEAR ACA is rejected.
+    assert_eq!(d.request(0, &[&tmf(0, 9, 0, 7)], &[1]).1[0][0], 3);
+    assert_eq!(d.request(0, &[&tmf(0, 2, 1, 7)], &[1]).1[0][0], 12);
+    assert_eq!(d.request(0, &[&tmf(2, 2, 0, 7)], &[1]).1[0][0], 11);
+    // QUERY TASK: tag 7 is in the task set (FUNCTION SUCCEEDED), tag 8 is not.
+    assert_eq!(d.request(0, &[&tmf(6, 2, 0, 7)], &[1]).1[0][0], 10);
+    assert_eq!(d.request(0, &[&tmf(6, 2, 0, 8)], &[1]).1[0][0], 0);
+    // ABORT TASK of a tag nobody uses: complete at once.
+    assert_eq!(
+        d.request(0, &[&tmf(0, 2, 0, 8)], &[1]),
+        (Some(1), vec![vec![0]])
+    );
+    // ABORT TASK of tag 7: held until the read's transfer is done on the host.
+    let abort = d.post(0, &[&tmf(0, 2, 0, 7)], &[1]);
+    assert_eq!(
+        d.answered(&abort),
+        None,
+        "answered before the command ended"
+    );
+    let (used, b) = d.complete(read);
+    assert_eq!(used, Some(RESP as u32), "an aborted command moves no data");
+    assert_eq!(resp(&b[0]), (2, 0, 0), "response ABORTED");
+    assert_eq!(d.complete(abort), (Some(1), vec![vec![0]]));
+    // The target works on: the next command sees no trace of the abort.
+    let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], &[], 4096);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    // LOGICAL UNIT RESET: a write in flight is answered RESET, then the reset, and the unit
+    // reports the reset to the next command (06/29/00).
+    let h = header(2, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+    let write = d.post(2, &[&h, &[0x5a; 4096]], &[RESP]);
+    let reset = d.post(0, &[&tmf(5, 2, 0, 0)], &[1]);
+    assert_eq!(d.answered(&reset), None);
+    let (_, b) = d.complete(write);
+    assert_eq!(resp(&b[0]), (4, 0, 0), "response RESET");
+    assert_eq!(d.complete(reset), (Some(1), vec![vec![0]]));
+    let b = cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp(&b[0]), (0, 2, 6));
+}
+
 #[test]
 fn event_for_a_removed_unit() {
     let mut dev = VirtioScsi::new(1);
@@ -270,6 +350,42 @@ fn large_requests_through_the_io_engine() {
     }
     let on_disk = std::fs::read(&img.0).unwrap();
     assert!(on_disk[16 * 512..16 * 512 + len] == data[..]);
+}
+
+/// A read of data the host has cached finishes inside the submit call (io_uring copies it
+/// inline): the device answers it in the same queue pass, without another wake of the
+/// event loop (no device event is run here).
+#[test]
+fn a_cached_read_is_answered_in_the_queue_pass() {
+    use ferry_storage::io::{EngineChoice, EngineOptions, IoEngine};
+    let (_img, disk) = image("inline", 1 << 20);
+    let mem = Driver::memory();
+    let opts = EngineOptions {
+        engine: EngineChoice::IoUring,
+        ..Default::default()
+    };
+    let Ok(engine) = IoEngine::new(disk.clone(), mem.clone(), opts) else {
+        eprintln!("no io_uring on this host: nothing to test");
+        return;
+    };
+    let mut dev = VirtioScsi::new(1);
+    dev.attach(0, disk_unit(1 << 20), Some(disk), Some(engine))
+        .unwrap();
+    let mut d = Driver::with_memory(mem, Box::new(dev), 0);
+    cmd(&mut d, 0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    // The write puts the blocks in the host's page cache.
+    let data = vec![0xa5u8; 4096];
+    let w = cmd(&mut d, 0, &[0x2a, 0, 0, 0, 0, 32, 0, 0, 8, 0], &data, 0);
+    assert_eq!(resp(&w[0]), (0, 0, 0));
+    let h = header(0, &[0x28, 0, 0, 0, 0, 32, 0, 0, 8, 0]);
+    let read = d.post(2, &[&h], &[RESP, 4096]);
+    assert!(
+        d.answered(&read).is_some(),
+        "the cached read waited for the event loop"
+    );
+    let (_, b) = d.complete(read);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    assert_eq!(b[1], data);
 }
 
 /// A driver that breaks its available ring index (more entries than the queue holds) with
