@@ -421,9 +421,13 @@ impl VirtioDevice for VirtioScsi {
                 let mut signal = if used { vec![index] } else { Vec::new() };
                 // A read the host has cached, or a small write, is often done when the submit
                 // call returns: answer it now, not after another wake of the event loop.
+                // Only ports with requests out: an idle port's engine costs no system call.
                 for i in 0..self.event_ports.len() {
                     let port_id = self.event_ports[i];
-                    self.answer_finished(port_id, queues, mem, &mut signal);
+                    let busy = self.ports.get(&port_id).and_then(|p| p.engine.as_ref());
+                    if busy.is_some_and(|e| e.outstanding() > 0) {
+                        self.answer_finished(port_id, queues, mem, &mut signal);
+                    }
                 }
                 signal
             }

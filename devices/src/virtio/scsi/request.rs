@@ -150,6 +150,17 @@ fn sg_range(descs: impl Iterator<Item = (GuestAddress, usize)>, skip: usize, tak
     out
 }
 
+/// A chain's device-writable (`write`) or device-readable buffers, in order.
+fn descriptors<'a>(
+    chain: &Chain<'a>,
+    write: bool,
+) -> impl Iterator<Item = (GuestAddress, usize)> + 'a {
+    chain
+        .clone()
+        .filter(move |d| d.is_write_only() == write)
+        .map(|d| (d.addr(), d.len() as usize))
+}
+
 fn sg_len(sg: &Sg) -> usize {
     sg.iter().map(|&(_, l)| l).sum()
 }
@@ -228,12 +239,7 @@ pub fn command(chain: Chain<'_>, mem: &GuestMemoryMmap, ctx: &mut CommandCtx<'_>
     let sense_size = ctx.sense_size;
     let cdb_size = ctx.cdb_size;
     let head = chain.head_index();
-    let descs = |w: bool| {
-        chain
-            .clone()
-            .filter(move |d| d.is_write_only() == w)
-            .map(|d| (d.addr(), d.len() as usize))
-    };
+    let descs = |w: bool| descriptors(&chain, w);
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.clone().writer(mem))
     else {
         return Handled::Done(0);
@@ -564,11 +570,7 @@ pub fn control(
             ]);
             let (response, waits_for) = task_management(subtype, &body[4..12], tag, ports, set);
             if !waits_for.is_empty() {
-                let resp = chain
-                    .clone()
-                    .filter(|d| d.is_write_only())
-                    .map(|d| (d.addr(), d.len() as usize));
-                let resp = sg_range(resp, 0, 1);
+                let resp = sg_range(descriptors(&chain, true), 0, 1);
                 if sg_len(&resp) == 1 {
                     set.tmfs.push(PendingTmf {
                         head,
