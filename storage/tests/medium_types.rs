@@ -13,6 +13,14 @@ use ferry_storage::{
 
 const MIB: u64 = 1 << 20;
 
+/// Tests here take OFD locks and some spawn qemu-img: a fork while another test holds a lock
+/// gives the child that lock's open file description until it execs, so a test that drops a
+/// lock and takes it again could find it still held. One test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("medium-{name}"));
     let _ = std::fs::remove_dir_all(&d);
@@ -48,6 +56,7 @@ fn qemu_img() -> bool {
 
 #[test]
 fn normal_medium_is_one_vm_at_a_time() {
+    let _serial = serial();
     let d = scratch("normal");
     let img = d.join("disk.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 1);
@@ -68,6 +77,7 @@ fn normal_medium_is_one_vm_at_a_time() {
 
 #[test]
 fn readonly_media_share_and_refuse_writes() {
+    let _serial = serial();
     let d = scratch("readonly");
     let img = d.join("disk.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 3);
@@ -80,6 +90,7 @@ fn readonly_media_share_and_refuse_writes() {
 
 #[test]
 fn immutable_resets_at_power_on_unless_autoreset_is_off() {
+    let _serial = serial();
     let d = scratch("immutable");
     let img = d.join("base.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 5);
@@ -120,6 +131,7 @@ fn immutable_resets_at_power_on_unless_autoreset_is_off() {
 
 #[test]
 fn multiattach_gives_each_vm_its_own_persistent_child() {
+    let _serial = serial();
     let d = scratch("multi");
     let img = d.join("base.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 2);
@@ -137,6 +149,7 @@ fn multiattach_gives_each_vm_its_own_persistent_child() {
 
 #[test]
 fn immutable_needs_a_base_with_a_uuid() {
+    let _serial = serial();
     let d = scratch("immraw");
     let img = d.join("disk.raw");
     image(&img, FormatKind::Raw, Variant::Fixed, 1);
@@ -148,6 +161,7 @@ fn immutable_needs_a_base_with_a_uuid() {
 
 #[test]
 fn shareable_is_for_fixed_images_only() {
+    let _serial = serial();
     let d = scratch("shareable");
     let dynamic = d.join("dyn.vdi");
     image(&dynamic, FormatKind::Vdi, Variant::Dynamic, 1);
@@ -168,6 +182,7 @@ fn shareable_is_for_fixed_images_only() {
 
 #[test]
 fn copied_image_is_a_duplicate_uuid() {
+    let _serial = serial();
     let d = scratch("dup");
     let img = d.join("disk.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 1);
@@ -189,6 +204,7 @@ fn copied_image_is_a_duplicate_uuid() {
 
 #[test]
 fn same_image_twice_in_one_vm() {
+    let _serial = serial();
     let d = scratch("twice");
     let img = d.join("disk.vdi");
     image(&img, FormatKind::Vdi, Variant::Dynamic, 1);
@@ -207,6 +223,7 @@ fn same_image_twice_in_one_vm() {
 
 #[test]
 fn qemu_refuses_an_image_ferry_writes() {
+    let _serial = serial();
     if !qemu_img() {
         eprintln!("skipped: qemu-img is not installed");
         return;
@@ -268,6 +285,7 @@ fn qemu_refuses_an_image_ferry_writes() {
 
 #[test]
 fn ferry_refuses_an_image_qemu_writes() {
+    let _serial = serial();
     if !qemu_img() {
         eprintln!("skipped: qemu-img is not installed");
         return;
