@@ -392,7 +392,7 @@ fn create_write_check_compare() {
             img.flush().unwrap();
         }
         let raw = d.join(format!("{variant:?}.raw"));
-        std::fs::write(&raw, &model).unwrap();
+        common::write_sparse(&raw, &model);
         let ps = p.to_str().unwrap();
         let (rc, out) = qemu(&["check", "-f", "parallels", ps]);
         assert_eq!(rc, 0, "{variant:?}: {out}");

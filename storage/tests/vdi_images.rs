@@ -369,7 +369,7 @@ fn vdi_create_write_and_qemu_accepts() {
         assert_eq!(layer.block_status(0, size).unwrap(), (want, size));
         // An empty image already passes.
         let raw_path = dir.join(format!("{variant:?}-{size}.raw"));
-        std::fs::write(&raw_path, vec![0u8; size as usize]).unwrap();
+        common::write_sparse(&raw_path, &vec![0u8; size as usize]);
         layer.flush().unwrap();
         check_writer(&path, &raw_path);
 
@@ -384,7 +384,7 @@ fn vdi_create_write_and_qemu_accepts() {
         let new_mod = layer.modification_uuid();
         layer.flush().unwrap();
         drop(layer);
-        std::fs::write(&raw_path, &model).unwrap();
+        common::write_sparse(&raw_path, &model);
         check_writer(&path, &raw_path);
         let again = VdiFormat.open(&path, false).unwrap();
         assert_eq!(
@@ -464,7 +464,7 @@ fn vdi_zero_write_and_discard() {
     let mut model = vec![0u8; size as usize];
     model[6 * MIB as usize..6 * MIB as usize + 10].fill(9);
     let raw = dir.join("d.raw");
-    std::fs::write(&raw, &model).unwrap();
+    common::write_sparse(&raw, &model);
     check_writer(&vdi, &raw);
     // Read-only layers refuse writes and discards.
     let ro = VdiFormat.open(&vdi, false).unwrap();
@@ -507,7 +507,7 @@ fn vdi_differencing_chain() {
     }
     // qemu-img judges the base (it cannot open differencing VDIs).
     let base_raw = dir.join("base.raw");
-    std::fs::write(&base_raw, &model).unwrap();
+    common::write_sparse(&base_raw, &model);
     check_writer(&base_path, &base_raw);
     let base = VdiFormat.open(&base_path, false).unwrap();
     let base_uuid = base.uuid().unwrap();
@@ -986,7 +986,7 @@ fn vdi_partial_writes_allocate_sparse_blocks() {
     assert!(std::fs::metadata(&path).unwrap().len() >= 16 * MIB);
     qemu_check(&path);
     let raw_path = dir.join("a.raw");
-    std::fs::write(&raw_path, &model).unwrap();
+    common::write_sparse(&raw_path, &model);
     check_writer(&path, &raw_path);
     // Copy-on-write from a non-zero lower still fills the rest of a fresh block.
     let layer = VdiFormat.open(&path, true).unwrap();
@@ -1207,7 +1207,7 @@ fn vdi_block_sizes_from_the_header() {
         let (on_disk, _) = decode_vdi(&std::fs::read(&path).unwrap());
         assert_eq!(on_disk, model, "{name}: decoded after reopen");
         let raw = dir.join(format!("{name}.raw"));
-        std::fs::write(&raw, &model).unwrap();
+        common::write_sparse(&raw, &model);
         if block == 1 << 20 && extra == 0 {
             check_writer(&path, &raw);
         } else if have_qemu_img() && extra == 0 {

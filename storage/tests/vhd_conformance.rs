@@ -454,7 +454,7 @@ fn vhd_create_write_read_back_and_qemu_agrees() {
         // qemu-img: the exact size, the same content.
         assert_eq!(qemu_size(&path), size, "qemu-img info virtual-size");
         let raw = dir.join("expected.raw");
-        std::fs::write(&raw, &expected).unwrap();
+        common::write_sparse(&raw, &expected);
         let (ok, text) = qemu_img(&[
             "compare",
             "-f",
@@ -712,7 +712,7 @@ fn crash_run(diff: bool) {
             let raw = dir.join("now.raw");
             let mut buf = vec![0u8; size as usize];
             disk.read_at(&mut buf, 0).unwrap();
-            std::fs::write(&raw, &buf).unwrap();
+            common::write_sparse(&raw, &buf);
             let (ok, text) = qemu_img(&[
                 "compare",
                 "-f",
@@ -779,7 +779,7 @@ fn vhd_discard_returns_whole_blocks() {
         assert_same(&disk, &expected, "discarded");
         drop(disk);
         let raw = dir.join("expected.raw");
-        std::fs::write(&raw, &expected).unwrap();
+        common::write_sparse(&raw, &expected);
         let (ok, text) = qemu_img(&[
             "compare",
             "-f",
@@ -823,7 +823,7 @@ fn vhd_writes_into_qemu_made_images() {
         let disk = Disk::from_layers(vec![Box::new(open(&path, false))]).unwrap();
         assert_same(&disk, &expected, name);
         let raw = dir.join("expected.raw");
-        std::fs::write(&raw, &expected).unwrap();
+        common::write_sparse(&raw, &expected);
         let (ok, text) = qemu_img(&[
             "compare",
             "-f",
@@ -878,7 +878,7 @@ fn vhd_partial_allocating_write_leaves_the_rest_of_the_block_a_hole() {
     let mut expected = vec![0u8; 64 * MIB as usize];
     expected[at as usize..at as usize + 4096].fill(0x5a);
     let raw = dir.join("d.raw");
-    std::fs::write(&raw, &expected).unwrap();
+    common::write_sparse(&raw, &expected);
     let (ok, out) = qemu_img(&[
         "compare",
         "-f",

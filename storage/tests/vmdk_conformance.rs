@@ -666,7 +666,7 @@ fn vmdk_new_grains_are_holes_and_runs_span_tables() {
     let (ok, out) = qemu_img(&["check", path.to_str().unwrap()]);
     assert!(ok, "{out}");
     let raw = dir.join("d.raw");
-    std::fs::write(&raw, &expected).unwrap();
+    common::write_sparse(&raw, &expected);
     let (ok, out) = qemu_img(&[
         "compare",
         "-f",

@@ -23,3 +23,19 @@ pub fn conformance_dir() -> PathBuf {
             )
         })
 }
+
+/// Writes `bytes` to `path` as a sparse file: runs of zeros become holes, so that a
+/// multi-GiB model of a mostly empty disk costs the test machine only what was written
+/// (CI machines can have little free disk).
+#[allow(dead_code)]
+pub fn write_sparse(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 64 * 1024;
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(bytes.len() as u64).unwrap();
+    for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+        if chunk.iter().any(|&b| b != 0) {
+            file.write_all_at(chunk, (i * CHUNK) as u64).unwrap();
+        }
+    }
+}
