@@ -316,7 +316,7 @@ fn boot_once(
             .into_iter()
             .map(StorageHandler::into_subscriber),
     );
-    root.set_doorbell_hook(vm.clone().doorbell_hook());
+    root.set_fast_path_hook(vm.clone().fast_path_hook());
     let root = Arc::new(root);
     // What firmware would do before the kernel runs: give every BAR an address (SeaBIOS
     // assigns them again, in the same window).

@@ -4,7 +4,11 @@
 //! in `crate::ata`; data moves through the port's I/O engine.
 //!
 //! Register accesses arrive on vCPU threads (MMIO exits on BAR 5); I/O completions arrive on
-//! the event loop through [`Ahci::io_event`].
+//! the event loop through [`Ahci::io_event`]. Register reads have no side effects in AHCI,
+//! so BAR 5 has a [`RegisterMirror`]: where the hypervisor maps it, the guest reads the
+//! registers from memory without a VM exit (Linux's interrupt handler reads IS, PxIS and
+//! PxSACT for every interrupt). The controller stores each changed register there before
+//! the guest can look: before it raises an interrupt and before a register write returns.
 
 mod fis;
 mod port;
@@ -23,7 +27,7 @@ use port::Port;
 pub use port::Unit;
 
 use crate::interrupt::{LevelInterrupt, MsiSender};
-use crate::pci::{BarKind, BarRange, Msi, PciConfigSpace, PciDevice};
+use crate::pci::{BarKind, BarRange, Msi, PciConfigSpace, PciDevice, RegisterMirror};
 
 pub const VENDOR_ID: u16 = 0x8086;
 /// ICH8M AHCI, as VirtualBox's IntelAhci.
@@ -35,6 +39,8 @@ const ABAR: usize = 5;
 const ABAR_SIZE: u64 = 0x1000;
 const PORTS_BASE: u64 = 0x100;
 const PORT_SIZE: u64 = 0x80;
+/// Every port's bit in a port mask.
+const ALL_PORTS: u32 = (1 << MAX_PORTS) - 1;
 
 mod ghc {
     pub const CAP: u64 = 0x00;
@@ -80,6 +86,8 @@ pub enum AhciError {
     NoRoom,
     #[error("cannot create an eventfd: {0}")]
     EventFd(String),
+    #[error(transparent)]
+    Mirror(#[from] crate::pci::MirrorError),
 }
 
 pub struct Ahci {
@@ -96,6 +104,10 @@ pub struct Ahci {
     /// ([`Ahci::run_ports`]), so the vCPU goes back to the guest at once and the host I/O
     /// (a page-cache copy, for a buffered read) runs beside it.
     kick: Arc<EventFd>,
+    /// BAR 5 as guest reads see it where the hypervisor maps it.
+    mirror: Arc<RegisterMirror>,
+    /// Ports whose registers may have changed since they were last stored in the mirror.
+    dirty: u32,
 }
 
 impl Ahci {
@@ -119,7 +131,7 @@ impl Ahci {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| AhciError::EventFd(e.to_string()));
         let sources_changed = eventfd()?;
         let kick = eventfd()?;
-        Ok(Self {
+        let mut ahci = Self {
             config,
             memory: p.memory,
             msi,
@@ -129,7 +141,39 @@ impl Ahci {
             is: 0,
             sources_changed: Arc::new(sources_changed),
             kick: Arc::new(kick),
-        })
+            mirror: Arc::new(RegisterMirror::new(ABAR_SIZE)?),
+            dirty: ALL_PORTS,
+        };
+        ahci.flush_mirror();
+        Ok(ahci)
+    }
+
+    /// Stores the generic host control registers and every dirty port's registers in the
+    /// mirror. Only what `read_reg` answers is stored: everything else there stays zero,
+    /// as `read_reg` answers it.
+    fn flush_mirror(&mut self) {
+        for offset in [ghc::CAP, ghc::GHC, ghc::IS, ghc::PI, ghc::VS] {
+            self.mirror.store(offset, self.read_reg(offset));
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for (i, p) in self.ports.iter().enumerate() {
+            if dirty & (1 << i) == 0 {
+                continue;
+            }
+            let base = PORTS_BASE + i as u64 * PORT_SIZE;
+            for offset in port::reg::ALL {
+                self.mirror.store(base + offset, p.read(offset));
+            }
+        }
+    }
+
+    /// Ports with a device: those whose registers the engine's completions change.
+    fn busy_ports(&self) -> u32 {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.unit.is_some() || p.in_flight_count() > 0)
+            .fold(0, |m, (i, _)| m | 1 << i)
     }
 
     pub fn port_count(&self) -> usize {
@@ -154,6 +198,8 @@ impl Ahci {
             return Err(AhciError::PortInUse(port));
         }
         self.ports[i] = Port::new(Some(unit), true);
+        self.dirty |= 1 << i;
+        self.flush_mirror();
         Ok(())
     }
 
@@ -164,6 +210,7 @@ impl Ahci {
             return Err(AhciError::PortInUse(port));
         }
         self.ports[i].plug(unit, &self.memory);
+        self.dirty |= 1 << i;
         let _ = self.sources_changed.write(1);
         self.update_irq();
         Ok(())
@@ -173,6 +220,7 @@ impl Ahci {
     pub fn unplug(&mut self, port: usize) -> Result<Unit, AhciError> {
         let i = self.port_index(port)?;
         let unit = self.ports[i].unplug().ok_or(AhciError::PortEmpty(port))?;
+        self.dirty |= 1 << i;
         let _ = self.sources_changed.write(1);
         self.update_irq();
         Ok(unit)
@@ -202,6 +250,8 @@ impl Ahci {
         }
         unit.medium = medium;
         unit.engine = None;
+        self.dirty |= 1 << i;
+        self.flush_mirror();
         let _ = self.sources_changed.write(1);
         Ok(())
     }
@@ -227,6 +277,7 @@ impl Ahci {
     #[must_use = "the commands' I/O starts only when submitted"]
     pub fn run_ports(&mut self) -> Vec<DeferredSubmit> {
         let _ = self.kick.read();
+        self.dirty |= self.busy_ports();
         let mut submits = Vec::new();
         for p in &mut self.ports {
             submits.extend(p.run(&self.memory));
@@ -239,6 +290,7 @@ impl Ahci {
     /// returned, the commands the kernel completed inside them (a cached read, a buffered
     /// write), answered without waiting for another wake of the event loop.
     pub fn reap_ports(&mut self) {
+        self.dirty |= self.busy_ports();
         for p in &mut self.ports {
             if p.in_flight_count() > 0 {
                 p.reap(&self.memory);
@@ -263,6 +315,7 @@ impl Ahci {
             return;
         };
         p.reap(&self.memory);
+        self.dirty |= 1 << port;
         self.update_irq();
     }
 
@@ -286,6 +339,8 @@ impl Ahci {
     }
 
     fn signal(&mut self, new_event: bool) {
+        // What the interrupt announces is readable before it arrives.
+        self.flush_mirror();
         let enabled = self.ghc & ghc::IE != 0;
         if self.msi.enabled(&self.config) {
             self.intx.set_level(false);
@@ -303,6 +358,7 @@ impl Ahci {
         }
         self.ghc = ghc::AE;
         self.is = 0;
+        self.dirty = ALL_PORTS;
         self.intx.set_level(false);
     }
 
@@ -347,6 +403,7 @@ impl Ahci {
             o if o >= PORTS_BASE => {
                 let i = ((o - PORTS_BASE) / PORT_SIZE) as usize;
                 if let Some(p) = self.ports.get_mut(i) {
+                    self.dirty |= 1 << i;
                     p.write((o - PORTS_BASE) % PORT_SIZE, value, &self.memory);
                     if p.has_work() {
                         let _ = self.kick.write(1);
@@ -425,6 +482,12 @@ impl PciDevice for Ahci {
             self.write_reg(aligned, keep | (v & mask));
             i += n;
         }
+        // The guest's next read may be served by the mirror.
+        self.flush_mirror();
+    }
+
+    fn mirror(&self) -> Option<(usize, Arc<RegisterMirror>)> {
+        Some((ABAR, self.mirror.clone()))
     }
 }
 

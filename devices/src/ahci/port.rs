@@ -31,6 +31,10 @@ pub mod reg {
     pub const SERR: u64 = 0x30;
     pub const SACT: u64 = 0x34;
     pub const CI: u64 = 0x38;
+    /// Every register `Port::read` answers with something other than zero.
+    pub const ALL: [u64; 14] = [
+        CLB, CLBU, FB, FBU, IS, IE, CMD, TFD, SIG, SSTS, SCTL, SERR, SACT, CI,
+    ];
 }
 
 /// PxIS bits.

@@ -124,10 +124,25 @@ impl Tb {
         self.dev.bar_write(5, off, &v.to_le_bytes());
     }
 
+    /// A register read through the device; every register in the mirror must read the
+    /// same, since the guest reads them there where the hypervisor maps it.
     fn r(&mut self, off: u64) -> u32 {
+        self.assert_mirror();
         let mut b = [0u8; 4];
         self.dev.bar_read(5, off, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    fn assert_mirror(&mut self) {
+        for at in (0..ABAR_SIZE).step_by(4) {
+            let mut b = [0u8; 4];
+            self.dev.bar_read(5, at, &mut b);
+            assert_eq!(
+                self.dev.mirror.load(at),
+                u32::from_le_bytes(b),
+                "the mirror of register {at:#x} lags"
+            );
+        }
     }
 
     fn pr(&mut self, port: usize, r: u64) -> u32 {

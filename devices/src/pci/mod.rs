@@ -4,6 +4,7 @@
 mod config;
 mod host_bridge;
 mod isa_bridge;
+mod mirror;
 mod msi;
 mod msix;
 mod piix4_pm;
@@ -16,11 +17,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub use config::{affects_bars, BarKind, BarRange, PciConfigSpace, BAR_COUNT};
 pub use host_bridge::host_bridge;
 pub use isa_bridge::isa_bridge;
+pub use mirror::{MirrorError, RegisterMirror, MIRROR_PAGE};
 pub use msi::{Msi, MSI_CAP_ID};
 pub use msix::{Msix, MSIX_CAP_ID, NO_VECTOR};
 pub use piix4_pm::piix4_pm;
 pub use root::{
-    DoorbellHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
+    FastPathHook, PciBarWindow, PciConfigIo, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
     RESET_CONTROL_OFFSET, RESET_VALUE,
 };
 
@@ -65,6 +67,11 @@ pub trait PciDevice: Send {
     }
     fn doorbells(&self) -> Vec<Doorbell> {
         Vec::new()
+    }
+    /// A memory BAR whose reads the hypervisor may serve from a [`RegisterMirror`] the
+    /// device keeps current: (BAR index, mirror as long as the BAR).
+    fn mirror(&self) -> Option<(usize, Arc<RegisterMirror>)> {
+        None
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{affects_bars, BarKind, BarRange, DevFn, PciDevice};
+use super::{affects_bars, BarKind, BarRange, DevFn, PciDevice, RegisterMirror, MIRROR_PAGE};
 use crate::bus::lock;
 use crate::{BusDevice, ExitHandle, ExitRequest};
 
@@ -19,11 +19,15 @@ pub const RESET_VALUE: u8 = 0x06;
 const RESET_CPU: u8 = 1 << 2;
 const ENABLE: u32 = 1 << 31;
 
-/// Where the vmm attaches doorbells to the hypervisor (ioeventfd on KVM). Called whenever a
-/// BAR with doorbells moves, so the fast path follows the guest's (or firmware's) layout.
-pub trait DoorbellHook: Send + Sync {
+/// Where the vmm gives the hypervisor a device's fast paths: doorbells (ioeventfd on KVM)
+/// and register mirrors (a read-only memory slot). Called whenever such a BAR moves, so the
+/// fast paths follow the guest's (or firmware's) layout.
+pub trait FastPathHook: Send + Sync {
     fn attach(&self, addr: u64, event: &EventFd);
     fn detach(&self, addr: u64, event: &EventFd);
+    /// Maps `mirror` read-only at guest-physical `addr` (page aligned).
+    fn map_mirror(&self, addr: u64, mirror: &Arc<RegisterMirror>);
+    fn unmap_mirror(&self, addr: u64, mirror: &Arc<RegisterMirror>);
 }
 
 type Device = Arc<Mutex<dyn PciDevice>>;
@@ -33,7 +37,7 @@ type Device = Arc<Mutex<dyn PciDevice>>;
 pub struct PciRoot {
     devices: BTreeMap<DevFn, Device>,
     decode: RwLock<Vec<(BarRange, DevFn)>>,
-    doorbell_hook: Option<Arc<dyn DoorbellHook>>,
+    fast_path_hook: Option<Arc<dyn FastPathHook>>,
 }
 
 impl PciRoot {
@@ -50,8 +54,8 @@ impl PciRoot {
         true
     }
 
-    pub fn set_doorbell_hook(&mut self, hook: Arc<dyn DoorbellHook>) {
-        self.doorbell_hook = Some(hook);
+    pub fn set_fast_path_hook(&mut self, hook: Arc<dyn FastPathHook>) {
+        self.fast_path_hook = Some(hook);
     }
 
     /// Each function with its description, for the machine's log.
@@ -125,12 +129,19 @@ impl PciRoot {
         if affects_bars(reg) {
             let ranges = d.bar_ranges();
             let doorbells = d.doorbells();
+            let mirror = d.mirror();
             drop(d);
-            self.update_decode(devfn, ranges, &doorbells);
+            self.update_decode(devfn, ranges, &doorbells, mirror.as_ref());
         }
     }
 
-    fn update_decode(&self, devfn: DevFn, ranges: Vec<BarRange>, doorbells: &[super::Doorbell]) {
+    fn update_decode(
+        &self,
+        devfn: DevFn,
+        ranges: Vec<BarRange>,
+        doorbells: &[super::Doorbell],
+        mirror: Option<&(usize, Arc<RegisterMirror>)>,
+    ) {
         let mut decode = self.decode.write().unwrap_or_else(|e| e.into_inner());
         let old: Vec<BarRange> = decode
             .iter()
@@ -143,7 +154,7 @@ impl PciRoot {
         decode.retain(|(_, d)| *d != devfn);
         decode.extend(ranges.iter().map(|r| (*r, devfn)));
         drop(decode);
-        let Some(hook) = &self.doorbell_hook else {
+        let Some(hook) = &self.fast_path_hook else {
             return;
         };
         let addr = |set: &[BarRange], bell: &super::Doorbell| {
@@ -161,6 +172,28 @@ impl PciRoot {
             }
             if let Some(a) = after {
                 hook.attach(a, &bell.event);
+            }
+        }
+        if let Some((bar, mirror)) = mirror {
+            // Only where the whole BAR is whole pages: elsewhere reads keep exiting.
+            let at = |set: &[BarRange]| {
+                set.iter()
+                    .find(|r| {
+                        r.index == *bar
+                            && r.kind != BarKind::Io
+                            && r.size == mirror.len()
+                            && r.base.is_multiple_of(MIRROR_PAGE)
+                    })
+                    .map(|r| r.base)
+            };
+            let (before, after) = (at(&old), at(&ranges));
+            if before != after {
+                if let Some(a) = before {
+                    hook.unmap_mirror(a, mirror);
+                }
+                if let Some(a) = after {
+                    hook.map_mirror(a, mirror);
+                }
             }
         }
     }
@@ -327,6 +360,7 @@ mod tests {
     struct BarDev {
         config: crate::pci::PciConfigSpace,
         bell: Arc<EventFd>,
+        mirror: Arc<RegisterMirror>,
         last_write: Option<(usize, u64)>,
     }
     impl PciDevice for BarDev {
@@ -355,16 +389,25 @@ mod tests {
                 event: self.bell.clone(),
             }]
         }
+        fn mirror(&self) -> Option<(usize, Arc<RegisterMirror>)> {
+            Some((0, self.mirror.clone()))
+        }
     }
 
     #[derive(Default)]
-    struct Hook(Mutex<Vec<(bool, u64)>>);
-    impl DoorbellHook for Hook {
+    struct Hook(Mutex<Vec<(&'static str, u64)>>);
+    impl FastPathHook for Hook {
         fn attach(&self, addr: u64, _: &EventFd) {
-            self.0.lock().unwrap().push((true, addr));
+            self.0.lock().unwrap().push(("bell+", addr));
         }
         fn detach(&self, addr: u64, _: &EventFd) {
-            self.0.lock().unwrap().push((false, addr));
+            self.0.lock().unwrap().push(("bell-", addr));
+        }
+        fn map_mirror(&self, addr: u64, _: &Arc<RegisterMirror>) {
+            self.0.lock().unwrap().push(("mirror+", addr));
+        }
+        fn unmap_mirror(&self, addr: u64, _: &Arc<RegisterMirror>) {
+            self.0.lock().unwrap().push(("mirror-", addr));
         }
     }
 
@@ -376,15 +419,19 @@ mod tests {
         let dev = Arc::new(Mutex::new(BarDev {
             config,
             bell: Arc::new(EventFd::new(0).unwrap()),
+            mirror: Arc::new(RegisterMirror::new(0x1000).unwrap()),
             last_write: None,
         }));
         let mut root = PciRoot::new();
         root.add(DevFn::new(1, 0), dev.clone());
         let hook = Arc::new(Hook::default());
-        root.set_doorbell_hook(hook.clone());
+        root.set_fast_path_hook(hook.clone());
         let root = Arc::new(root);
         assert!(root.assign_bars((0xc000_0000, 0xc000_2000), (0xc000, 0x10000)));
-        assert_eq!(*hook.0.lock().unwrap(), vec![(true, 0xc000_0010)]);
+        assert_eq!(
+            *hook.0.lock().unwrap(),
+            vec![("bell+", 0xc000_0010), ("mirror+", 0xc000_0000)]
+        );
         let mut mmio = PciBarWindow::new(root.clone(), 0xc000_0000, false);
         let mut pio = PciBarWindow::new(root.clone(), 0xc000, true);
         let mut b = [0u8; 1];
@@ -406,9 +453,12 @@ mod tests {
         assert_eq!(
             *hook.0.lock().unwrap(),
             vec![
-                (true, 0xc000_0010),
-                (false, 0xc000_0010),
-                (true, 0xc000_1010)
+                ("bell+", 0xc000_0010),
+                ("mirror+", 0xc000_0000),
+                ("bell-", 0xc000_0010),
+                ("bell+", 0xc000_1010),
+                ("mirror-", 0xc000_0000),
+                ("mirror+", 0xc000_1000),
             ]
         );
         mmio.read(0x1005, &mut b);
@@ -421,6 +471,9 @@ mod tests {
         io.write(4, &[0x1, 0]);
         mmio.read(0x1005, &mut b);
         assert_eq!(b[0], 0xff);
-        assert_eq!(hook.0.lock().unwrap().last(), Some(&(false, 0xc000_1010)));
+        assert_eq!(
+            hook.0.lock().unwrap()[6..],
+            [("bell-", 0xc000_1010), ("mirror-", 0xc000_1000)]
+        );
     }
 }

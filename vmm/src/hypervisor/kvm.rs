@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ferry_devices::pci::DoorbellHook;
+use ferry_devices::pci::{FastPathHook, RegisterMirror};
 use ferry_devices::{EdgeInterrupt, LevelInterrupt, MsiSender};
 use ferry_firmware::layout::HYPERVISOR_PAGES_START;
 use ferry_firmware::linux::Segment;
@@ -27,6 +27,9 @@ const IDENTITY_MAP_ADDR: u64 = HYPERVISOR_PAGES_START;
 const TSS_ADDR: usize = (HYPERVISOR_PAGES_START + 0x1000) as usize;
 /// Memory slots for read-only images (firmware) come after the RAM slots.
 const ROM_SLOT_BASE: u32 = 64;
+/// Register mirrors (see `RegisterMirror`) take slots from here, one per device.
+const MIRROR_SLOT_BASE: u32 = 128;
+const MIRROR_SLOTS: usize = 64;
 
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
@@ -110,6 +113,7 @@ impl Hypervisor for KvmHypervisor {
             fd,
             memory: Mutex::new(None),
             roms: Mutex::new(Vec::new()),
+            mirrors: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -119,6 +123,9 @@ pub struct KvmVm {
     fd: VmFd,
     memory: Mutex<Option<GuestMemoryMmap>>,
     roms: Mutex<Vec<GuestMemoryMmap>>,
+    /// Register mirrors by slot (index + MIRROR_SLOT_BASE): where each is mapped. A mirror
+    /// stays here after it is unmapped, so its memory outlives every mapping of it.
+    mirrors: Mutex<Vec<(Arc<RegisterMirror>, Option<u64>)>>,
 }
 
 impl KvmVm {
@@ -277,8 +284,8 @@ impl Vm for KvmVm {
         Arc::new(MsiSignal(self))
     }
 
-    fn doorbell_hook(self: Arc<Self>) -> Arc<dyn DoorbellHook> {
-        Arc::new(IoEventFds(self))
+    fn fast_path_hook(self: Arc<Self>) -> Arc<dyn FastPathHook> {
+        Arc::new(FastPaths(self))
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
@@ -321,10 +328,55 @@ impl MsiSender for MsiSignal {
     }
 }
 
-/// Doorbells as ioeventfds: a guest write there signals the eventfd inside KVM.
-struct IoEventFds(Arc<KvmVm>);
+/// Doorbells as ioeventfds (a guest write there signals the eventfd inside KVM) and register
+/// mirrors as read-only slots (guest reads hit memory, writes exit as MMIO).
+struct FastPaths(Arc<KvmVm>);
 
-impl DoorbellHook for IoEventFds {
+impl FastPaths {
+    /// Maps (or with `at` None, removes) the slot of `mirror`, allocating one the first time.
+    fn set_mirror(&self, mirror: &Arc<RegisterMirror>, at: Option<u64>) -> Result<()> {
+        let mut mirrors = self.0.mirrors.lock().unwrap_or_else(|e| e.into_inner());
+        let index = match mirrors.iter().position(|(m, _)| Arc::ptr_eq(m, mirror)) {
+            Some(i) => i,
+            None if at.is_none() => return Ok(()),
+            None if mirrors.len() >= MIRROR_SLOTS => {
+                return Err(HypervisorError::Call {
+                    what: "map a register mirror",
+                    detail: format!("more than {MIRROR_SLOTS} devices have one"),
+                })
+            }
+            None => {
+                if !self.0.fd.check_extension(Cap::ReadonlyMem) {
+                    return Err(HypervisorError::MissingCapability(
+                        "read-only memory slots (for register mirrors)",
+                    ));
+                }
+                mirrors.push((mirror.clone(), None));
+                mirrors.len() - 1
+            }
+        };
+        if at.is_none() && mirrors[index].1.is_none() {
+            // Not mapped: KVM refuses to delete an empty slot.
+            return Ok(());
+        }
+        let r = kvm_userspace_memory_region {
+            slot: MIRROR_SLOT_BASE + index as u32,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: at.unwrap_or(mirrors[index].1.unwrap_or(0)),
+            // Size 0 deletes the slot.
+            memory_size: if at.is_some() { mirror.len() } else { 0 },
+            userspace_addr: mirror.host_address() as u64,
+        };
+        // SAFETY: the mirror's mapping is `mirror.len()` bytes long, and a clone of its Arc
+        // stays in `self.0.mirrors` for as long as the VM lives (its fd is dropped first).
+        unsafe { self.0.fd.set_user_memory_region(r) }
+            .map_err(call_err("map a register mirror"))?;
+        mirrors[index].1 = at;
+        Ok(())
+    }
+}
+
+impl FastPathHook for FastPaths {
     fn attach(&self, addr: u64, event: &EventFd) {
         if let Err(e) = self
             .0
@@ -343,6 +395,23 @@ impl DoorbellHook for IoEventFds {
                 .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
         {
             tracing::debug!("removing ioeventfd at {addr:#x}: {e}");
+        }
+    }
+
+    fn map_mirror(&self, addr: u64, mirror: &Arc<RegisterMirror>) {
+        // A slot already mapped elsewhere moves: KVM cannot change a slot's address in place.
+        if let Err(e) = self
+            .set_mirror(mirror, None)
+            .and(self.set_mirror(mirror, Some(addr)))
+        {
+            // The registers still read through MMIO exits: slower, not wrong.
+            tracing::warn!("register mirror at {addr:#x}: {e}");
+        }
+    }
+
+    fn unmap_mirror(&self, addr: u64, mirror: &Arc<RegisterMirror>) {
+        if let Err(e) = self.set_mirror(mirror, None) {
+            tracing::warn!("removing the register mirror at {addr:#x}: {e}");
         }
     }
 }

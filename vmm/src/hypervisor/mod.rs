@@ -5,7 +5,7 @@ pub mod kvm;
 
 use std::sync::Arc;
 
-use ferry_devices::pci::DoorbellHook;
+use ferry_devices::pci::FastPathHook;
 use ferry_devices::{EdgeInterrupt, LevelInterrupt, MsiSender};
 use ferry_firmware::BootCpuState;
 use vm_memory::GuestMemoryMmap;
@@ -95,8 +95,8 @@ pub trait Vm: Send + Sync {
     fn level_interrupt(self: Arc<Self>, gsi: u32) -> Arc<dyn LevelInterrupt>;
     /// Delivers message-signalled interrupts (MSI, MSI-X) to the local APICs.
     fn msi_sender(self: Arc<Self>) -> Arc<dyn MsiSender>;
-    /// Lets device doorbells be signalled without a VM exit.
-    fn doorbell_hook(self: Arc<Self>) -> Arc<dyn DoorbellHook>;
+    /// Lets device doorbells be signalled, and register mirrors be read, without a VM exit.
+    fn fast_path_hook(self: Arc<Self>) -> Arc<dyn FastPathHook>;
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
 }
 
