@@ -39,6 +39,7 @@ bench: deps
 	tests/bench/medium/run.sh
 	tests/bench/scsi/run.sh --rounds 3
 	tests/bench/ahci/run.sh --rounds 3
+	tests/bench/exits/run.sh
 
 clean:
 	cargo clean
