@@ -402,7 +402,7 @@ impl FastPathHook for FastPaths {
         // A slot already mapped elsewhere moves: KVM cannot change a slot's address in place.
         if let Err(e) = self
             .set_mirror(mirror, None)
-            .and(self.set_mirror(mirror, Some(addr)))
+            .and_then(|()| self.set_mirror(mirror, Some(addr)))
         {
             // The registers still read through MMIO exits: slower, not wrong.
             tracing::warn!("register mirror at {addr:#x}: {e}");
@@ -652,4 +652,38 @@ enum Pending {
     Io,
     Mmio,
     Done(VcpuExit<'static>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_register_mirror_maps_moves_and_unmaps() {
+        let Ok(kvm) = KvmHypervisor::new() else {
+            eprintln!("skipped: no usable /dev/kvm here");
+            return;
+        };
+        let vm = Arc::new(KvmVm {
+            fd: kvm.kvm.create_vm().unwrap(),
+            memory: Mutex::new(None),
+            roms: Mutex::new(Vec::new()),
+            mirrors: Mutex::new(Vec::new()),
+        });
+        let paths = FastPaths(vm.clone());
+        let mirror = Arc::new(RegisterMirror::new(0x1000).unwrap());
+        // Not mapped yet: removing it is a no-op, not a KVM error.
+        paths.set_mirror(&mirror, None).unwrap();
+        paths.set_mirror(&mirror, Some(0xfeb0_0000)).unwrap();
+        // A second mirror over the same page is refused (and logged by the hook, not fatal).
+        let other = Arc::new(RegisterMirror::new(0x1000).unwrap());
+        assert!(paths.set_mirror(&other, Some(0xfeb0_0000)).is_err());
+        // The BAR moves: the hook unmaps and maps again, in the same slot.
+        paths.map_mirror(0xfeb0_2000, &mirror);
+        assert_eq!(vm.mirrors.lock().unwrap()[0].1, Some(0xfeb0_2000));
+        // The old page is free again.
+        paths.set_mirror(&other, Some(0xfeb0_0000)).unwrap();
+        paths.unmap_mirror(0xfeb0_2000, &mirror);
+        assert_eq!(vm.mirrors.lock().unwrap()[0].1, None);
+    }
 }
