@@ -45,6 +45,15 @@ tests/guest-kit/build.sh
 KIT="$REPO/target/guest-kit"
 fio_bin=$(ls "$REPO"/target/debs/x/fio_*/usr/bin/fio 2>/dev/null | head -n1)
 [ -x "$fio_bin" ] || die "no host fio from the guest kit's packages (target/debs/x/fio_*)"
+# Host fio goes into the test host with this machine's copies of its libraries (librbd,
+# libgfapi, ...), which only Debian's fio package brings.
+if ldd "$fio_bin" | grep -q 'not found'; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "bench/$ctl: installing Debian's fio for host fio's libraries"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null
+    fi
+    ! ldd "$fio_bin" | grep -q 'not found' || die "host fio's libraries are missing: apt-get install fio"
+fi
 OUT="$REPO/target/bench"
 payload="$OUT/$ctl-payload"
 rm -rf "$payload"
@@ -132,7 +141,13 @@ for vmm in $order; do
             cp "$vmm.try" "$vmm.best"
         fi
         [ "$(wc -l <"$vmm.best")" -ge "$njobs" ] && break
-        [ "$try" = 1 ] && echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; running it once more"
+        if [ "$try" = 1 ]; then
+            # Its console, to tell a guest that froze from one that failed.
+            echo "BENCH $vmm: the guest stopped after $(wc -l <"$vmm.best") of $njobs jobs; its console and status ended:"
+            tail -n 8 "$vmm.console" | sed 's/^/BENCH   /'
+            tail -n 2 "$vmm.err" | sed 's/^/BENCH   /'
+            echo "BENCH $vmm: running it once more"
+        fi
     done
     cat "$vmm.best" >>results
     sed 's/^/BENCH   /' "$vmm.best"
@@ -191,6 +206,7 @@ for round in $(seq 1 "$rounds"); do
     done
     sed -n 's/^RESULT //p' "$OUT/$ctl-round" >>"$all"
 done
+[ -s "$all" ] || die "no round gave any result (see the output above)"
 [ "$rounds" -gt 1 ] && echo "medians of $rounds rounds:"
 awk '
     # Every round adds a value per VMM and job; each column is the median of its values.
