@@ -89,14 +89,12 @@ fi
 # the speed of the rest, which made a short job's IOPS swing by more than the VMMs differ.
 guest_script() {
     printf 'i=0; while [ $i -lt 30 ] && [ ! -b /dev/sda ]; do sleep 1; i=$((i+1)); done\n'
-    while read -r rw bs depth; do
-        printf 'fio --name=warm --filename=/dev/sda --rw=%s --bs=%s --iodepth=%s --ioengine=libaio --direct=1 --time_based --runtime=2 --size=%sM >/dev/null\n' \
-            "$rw" "$bs" "$depth" "$SIZE"
-    done <jobs
-    while read -r rw bs depth; do
-        printf 'fio --name=%s --filename=/dev/sda --rw=%s --bs=%s --iodepth=%s --ioengine=libaio --direct=1 --time_based --runtime=%s --size=%sM --output-format=terse --terse-version=3 | awk -F";" -v j=%s '"'"'{ if (j ~ /read/) print "RESULT " j " " $8 " " $7; else print "RESULT " j " " $49 " " $48 }'"'"'\n' \
-            "$rw" "$rw" "$bs" "$depth" "$RUNTIME" "$SIZE" "$rw"
-    done <jobs
+    # Loops over the jobs, not a line per job: the script travels base64 on a 2 KiB kernel
+    # command line.
+    printf 'o="--filename=/dev/sda --ioengine=libaio --direct=1 --time_based --size=%sM"\n' "$SIZE"
+    printf 'J="%s"\n' "$(tr ' ' : <jobs | tr '\n' ' ' | sed 's/ $//')"
+    printf 'for j in $J; do set -- $(echo $j | tr : " "); fio --name=w $o --rw=$1 --bs=$2 --iodepth=$3 --runtime=2 >/dev/null; done\n'
+    printf 'for j in $J; do set -- $(echo $j | tr : " "); fio --name=$1 $o --rw=$1 --bs=$2 --iodepth=$3 --runtime=%s --output-format=terse --terse-version=3 | awk -F";" -v j=$1 '"'"'{ if (j ~ /read/) print "RESULT " j " " $8 " " $7; else print "RESULT " j " " $49 " " $48 }'"'"'; done\n' "$RUNTIME"
 }
 b64=$(guest_script | base64 | tr -d '\n')
 cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
