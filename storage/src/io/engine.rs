@@ -334,6 +334,32 @@ impl IoEngine {
         Ok(())
     }
 
+    /// Takes back the requests among `user_data` that are still waiting for the host (held
+    /// by a bandwidth group or a full queue): they complete with [`IoError::Cancelled`],
+    /// having read or written nothing. Requests already on the host run to their end. Returns
+    /// how many were taken back.
+    pub fn cancel_waiting(&mut self, user_data: &[u64]) -> usize {
+        let before = self.waiting.len();
+        let mut kept = VecDeque::with_capacity(before);
+        for p in self.waiting.drain(..) {
+            if user_data.contains(&p.req.user_data) {
+                self.done.push(Completion {
+                    user_data: p.req.user_data,
+                    result: Err(IoError::Cancelled),
+                });
+            } else {
+                kept.push_back(p);
+            }
+        }
+        self.waiting = kept;
+        let cancelled = before - self.waiting.len();
+        if cancelled > 0 {
+            // The device collects them on its next wake, as any completion.
+            let _ = self.eventfd.write(1);
+        }
+        cancelled
+    }
+
     /// Holds submissions back until [`unplug`](Self::unplug): a device that takes several
     /// requests off its queue in one pass hands them to the kernel in one system call
     /// (io_uring; the thread pool starts each at once anyway). Every `plug` must be followed

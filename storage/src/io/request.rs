@@ -107,6 +107,9 @@ pub enum IoError {
     DiscardDisabled,
     #[error("host I/O error: {0}")]
     Host(#[source] io::Error),
+    /// Taken back before it reached the host ([`IoEngine::cancel_waiting`]).
+    #[error("cancelled before it started")]
+    Cancelled,
     /// The image layer failed (dynamic formats, chains).
     #[error("{0}")]
     Image(#[source] crate::StorageError),

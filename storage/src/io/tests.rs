@@ -624,6 +624,42 @@ fn bandwidth_group_shared_by_two_disks() {
     assert_rate(&mut engines, 40.0);
 }
 
+/// A request held back by its bandwidth group can be taken back and never reaches the disk;
+/// one already on the host cannot, and finishes.
+#[test]
+fn cancel_takes_back_only_what_still_waits() {
+    let mem = memory();
+    let group = Arc::new(BandwidthGroup::new(&"name=slow,iops=1".parse().unwrap()));
+    let opts = EngineOptions {
+        bwgroup: Some(group),
+        ..Default::default()
+    };
+    let disk = raw_disk("cancel.raw", MIB);
+    let mut e = IoEngine::new(disk.clone(), mem.clone(), opts).unwrap();
+    mem.write_slice(&[0xa1; 4096], GuestAddress(0)).unwrap();
+    mem.write_slice(&[0xb2; 4096], GuestAddress(0x10000))
+        .unwrap();
+    e.submit(Request::write(0, vec![(GuestAddress(0), 4096)], 1))
+        .unwrap();
+    // One request a second: the second waits about a second for its turn.
+    e.submit(Request::write(4096, vec![(GuestAddress(0x10000), 4096)], 2))
+        .unwrap();
+    assert_eq!(e.cancel_waiting(&[1, 2, 3]), 1);
+    let mut done = drain(&mut e);
+    done.sort_by_key(|c| c.user_data);
+    assert_eq!(done.len(), 2);
+    assert!(matches!(done[0].result, Ok(4096)), "{:?}", done[0].result);
+    assert!(matches!(done[1].result, Err(IoError::Cancelled)));
+    let mut b = vec![0u8; 8192];
+    disk.read_at(&mut b, 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0xa1));
+    assert!(
+        b[4096..].iter().all(|&x| x == 0),
+        "the cancelled write landed"
+    );
+    assert_eq!(e.cancel_waiting(&[2]), 0, "nothing left to take back");
+}
+
 #[test]
 fn engine_moves_to_the_event_loop_thread() {
     fn send<T: Send>() {}

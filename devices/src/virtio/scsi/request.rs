@@ -598,9 +598,9 @@ pub fn control(
 }
 
 /// Runs a task-management function (SAM-5 7, as virtio-scsi carries it): returns the
-/// response and the in-flight commands it must wait for. Cancelled commands cannot be
-/// taken back from the host; they are marked, and answered ABORTED or RESET when their
-/// transfer ends.
+/// response and the in-flight commands it must wait for. Cancelled commands still waiting
+/// for the host are taken back from the engine; those already on the host cannot be, and
+/// are answered ABORTED or RESET when their transfer ends.
 fn task_management(
     subtype: u32,
     lun: &[u8],
@@ -665,6 +665,11 @@ fn task_management(
         if let Some(e) = set.map.get_mut(id) {
             e.cancelled.get_or_insert(response);
         }
+    }
+    // Those still waiting for the host (held by a bandwidth group) never start: an aborted
+    // write must not land after the driver was told it is gone.
+    if let Some(engine) = port.engine.as_mut() {
+        engine.cancel_waiting(&named);
     }
     match subtype {
         TMF_LOGICAL_UNIT_RESET => {

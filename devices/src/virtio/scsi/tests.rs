@@ -198,12 +198,12 @@ fn task_management_waits_for_the_commands_it_cancels() {
     use ferry_storage::io::{BandwidthGroup, BandwidthGroupSpec, EngineOptions, IoEngine};
     let (_img, disk) = image("tmf-eng", 1 << 20);
     let mem = Driver::memory();
-    // Two requests a second: after the first, each waits in the engine for about half a
-    // second, which keeps it in flight while task management names it.
+    // One request a second: after the first, each waits in the engine for about a second,
+    // which keeps it in flight, not yet started, while task management names it.
     let group = Arc::new(BandwidthGroup::new(&BandwidthGroupSpec {
         name: "slow".into(),
         limit: 0,
-        iops: 2,
+        iops: 1,
     }));
     let opts = EngineOptions {
         bwgroup: Some(group),
@@ -233,7 +233,8 @@ fn task_management_waits_for_the_commands_it_cancels() {
         d.request(0, &[&tmf(0, 2, 0, 8)], &[1]),
         (Some(1), vec![vec![0]])
     );
-    // ABORT TASK of tag 7: held until the read's transfer is done on the host.
+    // ABORT TASK of tag 7: answered after the read, which the engine takes back (it was
+    // still waiting for its bandwidth group) and answers on its next wake.
     let abort = d.post(0, &[&tmf(0, 2, 0, 7)], &[1]);
     assert_eq!(
         d.answered(&abort),
@@ -258,6 +259,10 @@ fn task_management_waits_for_the_commands_it_cancels() {
     assert_eq!(d.complete(reset), (Some(1), vec![vec![0]]));
     let b = cmd(&mut d, 2, &[0x00, 0, 0, 0, 0, 0], &[], 0);
     assert_eq!(resp(&b[0]), (0, 2, 6));
+    // The write was still waiting for its bandwidth group: it never reached the disk.
+    let b = cmd(&mut d, 2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], &[], 4096);
+    assert_eq!(resp(&b[0]), (0, 0, 0));
+    assert!(b[1].iter().all(|&x| x == 0), "the reset write landed");
 }
 
 #[test]
