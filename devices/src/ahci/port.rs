@@ -192,10 +192,19 @@ impl Port {
         }
     }
 
-    /// Forgets the commands the engine still runs: their completions are dropped.
+    /// Forgets the commands the engine still runs: their completions are dropped. Those
+    /// still waiting for the host (held by a bandwidth group) never start: a write that
+    /// software stopped or reset the port to get rid of must not land later.
     fn orphan_in_flight(&mut self) {
         self.generation = self.generation.wrapping_add(1);
         self.issued = 0;
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = self.in_flight.keys().copied().collect();
+        if let Some(engine) = self.engine_mut() {
+            engine.cancel_waiting(&ids);
+        }
     }
 
     fn bit(slot: u8) -> u32 {

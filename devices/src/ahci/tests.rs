@@ -372,6 +372,70 @@ fn dma_write_and_read_through_the_io_engine() {
     write_read_roundtrip(&mut tb, &img);
 }
 
+/// Stopping the port (PxCMD.ST cleared) orphans its commands; one still held by a bandwidth
+/// group is taken back from the engine and never reaches the disk, and PxCMD.CR drops as
+/// soon as the engine has handed it back.
+#[test]
+fn a_stopped_port_drops_commands_that_never_started() {
+    use ferry_storage::io::{BandwidthGroup, BandwidthGroupSpec};
+    let (img, disk) = image("held");
+    let mut tb = Tb::new(4);
+    // One request a second: after the first, the next waits about a second in the engine.
+    let group = Arc::new(BandwidthGroup::new(&BandwidthGroupSpec {
+        name: "slow".into(),
+        limit: 0,
+        iops: 1,
+    }));
+    let opts = EngineOptions {
+        bwgroup: Some(group),
+        ..Default::default()
+    };
+    let engine = IoEngine::new(disk.clone(), tb.mem.clone(), opts).unwrap();
+    tb.dev
+        .attach(
+            1,
+            Unit {
+                device: disk_device(false),
+                medium: Some(disk),
+                engine: Some(engine),
+            },
+        )
+        .unwrap();
+    tb.start(1);
+    for slot in 0..2u8 {
+        let buf = DATA + u64::from(slot) * 4096;
+        tb.mem
+            .write_slice(&[0x5a + slot; 4096], GuestAddress(buf))
+            .unwrap();
+        // WRITE FPDMA QUEUED, 8 sectors at LBA slot * 8.
+        tb.issue(
+            1,
+            slot,
+            h2d(0x61, 8, u16::from(slot) << 3, u64::from(slot) * 8, 0x40),
+            None,
+            &[(buf, 4096)],
+            true,
+        );
+    }
+    // Software gives up on both (as libata's error handler does) and stops the port.
+    tb.pw(1, reg::CMD, 1 << 4);
+    assert_eq!(tb.pr(1, reg::SACT), 0);
+    let t = Instant::now();
+    while tb.pr(1, reg::CMD) & (1 << 15) != 0 {
+        assert!(t.elapsed() < Duration::from_millis(500), "CR stayed set");
+        std::thread::sleep(Duration::from_millis(1));
+        tb.dev.io_event(1);
+    }
+    // The first was on the host already and landed; the second never started.
+    std::thread::sleep(Duration::from_millis(1200));
+    let on_disk = std::fs::read(&img.0).unwrap();
+    assert!(on_disk[..4096].iter().all(|&b| b == 0x5a));
+    assert!(
+        on_disk[4096..8192].iter().all(|&b| b == 0),
+        "the held write landed after the port stopped"
+    );
+}
+
 #[test]
 fn ncq_commands_complete_with_set_device_bits() {
     let (img, mut tb) = Tb::with_disk("ncq", true);
