@@ -208,7 +208,7 @@ done
 [ "$rounds" -gt 1 ] && echo "medians of $rounds rounds:"
 awk '
     # Every round adds a value per VMM and job; each column is the median of its values.
-    { k = $1 SUBSEP $2; c = ++cnt[k]; vi[k, c] = $3; vb[k, c] = $4; if (!seen[$2]++) order[n++] = $2 }
+    { k = $1 SUBSEP $2; c = ++cnt[k]; vi[k, c] = $3 + 0; vb[k, c] = $4 + 0; if (!seen[$2]++) order[n++] = $2 }
     function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
     function median(v, k, m,    i, j, t, a) {
         for (i = 1; i <= m; i++) a[i] = v[k, i]
