@@ -482,8 +482,12 @@ impl PciDevice for Ahci {
             self.write_reg(aligned, keep | (v & mask));
             i += n;
         }
-        // The guest's next read may be served by the mirror.
-        self.flush_mirror();
+        // The guest's next read may be served by the mirror. A write that raised or
+        // re-evaluated the interrupt has stored everything already (`signal`); what is
+        // left dirty is an HBA reset's.
+        if self.dirty != 0 {
+            self.flush_mirror();
+        }
     }
 
     fn mirror(&self) -> Option<(usize, Arc<RegisterMirror>)> {

@@ -102,11 +102,14 @@ impl Tb {
     }
 
     fn with_disk(name: &str, engine: bool) -> (Image, Self) {
+        Self::with_engine(name, engine.then(EngineOptions::default))
+    }
+
+    /// A disk on port 1, its data through an I/O engine with `opts` (None: inline).
+    fn with_engine(name: &str, opts: Option<EngineOptions>) -> (Image, Self) {
         let (img, disk) = image(name);
         let mut tb = Self::new(4);
-        let engine = engine.then(|| {
-            IoEngine::new(disk.clone(), tb.mem.clone(), EngineOptions::default()).unwrap()
-        });
+        let engine = opts.map(|o| IoEngine::new(disk.clone(), tb.mem.clone(), o).unwrap());
         tb.dev
             .attach(
                 1,
@@ -378,8 +381,6 @@ fn dma_write_and_read_through_the_io_engine() {
 #[test]
 fn a_stopped_port_drops_commands_that_never_started() {
     use ferry_storage::io::{BandwidthGroup, BandwidthGroupSpec};
-    let (img, disk) = image("held");
-    let mut tb = Tb::new(4);
     // One request a second: after the first, the next waits about a second in the engine.
     let group = Arc::new(BandwidthGroup::new(&BandwidthGroupSpec {
         name: "slow".into(),
@@ -390,17 +391,7 @@ fn a_stopped_port_drops_commands_that_never_started() {
         bwgroup: Some(group),
         ..Default::default()
     };
-    let engine = IoEngine::new(disk.clone(), tb.mem.clone(), opts).unwrap();
-    tb.dev
-        .attach(
-            1,
-            Unit {
-                device: disk_device(false),
-                medium: Some(disk),
-                engine: Some(engine),
-            },
-        )
-        .unwrap();
+    let (img, mut tb) = Tb::with_engine("held", Some(opts));
     tb.start(1);
     for slot in 0..2u8 {
         let buf = DATA + u64::from(slot) * 4096;
