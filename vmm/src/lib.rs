@@ -8,6 +8,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod machine;
 mod msr;
+mod ram;
 pub mod storage;
 mod vcpu;
 

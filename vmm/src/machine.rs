@@ -24,13 +24,14 @@ use ferry_firmware::fw_cfg::{bios_config, BiosSpec, FwCfgKey};
 use ferry_firmware::image::FirmwareChoice;
 use ferry_firmware::layout::PCI_MMIO32_END;
 use ferry_firmware::{load_linux, LinuxBootSpec, MemoryMap};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::console::{Console, ConsoleInput, ConsoleInputHandler, SerialMode, SharedSink};
 use crate::cpuid::patch_for_vcpu;
 use crate::exit::{ExitState, Outcome};
 use crate::firmware::{self, BootTimer, BootWatch, ConsoleTap, Firmware};
 use crate::hypervisor::{self, Hypervisor};
+use crate::ram::GuestRam;
 use crate::storage::{
     attach_controllers, boot_paths, ControllerConfig, HotplugToggle, StorageHandler,
 };
@@ -210,10 +211,12 @@ fn boot_once(
         .into_iter()
         .map(|(a, s)| (a, s as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::GuestMemory {
+    // Dropped last, after every device that holds a handle to the memory.
+    let ram = GuestRam::new(&ranges).map_err(|e| VmmError::GuestMemory {
         size: cfg.memory >> 20,
         detail: e.to_string(),
     })?;
+    let mem = ram.memory().clone();
     let cpus = cfg.cpus as u8;
 
     let vm = hv.create_vm()?;
