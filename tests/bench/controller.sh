@@ -10,6 +10,8 @@
 #                      sometimes triple-fault early in boot, see tests/integration/scenarios.sh)
 #        [--rounds N] (ferry, QEMU and host fio each run N times, taking turns; the medians
 #                      are printed: one round's ratios swing by more than 20% on a noisy host)
+# Each VMM's vCPU runs pinned to a CPU of its own and its other threads to CPU 0 (pin.sh), and
+# the disk file sits where O_DIRECT works (tests/testhost/disk-dir.sh).
 # Where this host has no hardware virtualization (tests/testhost/detect.sh), everything runs
 # inside the test host (QEMU TCG with emulated SVM): only the ratios mean something there.
 # Each round then has a test host of its own, and a round whose test host failed (its kernel
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
         --size) size=${2:?}; shift 2 ;;
         --cpus) cpus=${2:?}; shift 2 ;;
         --rounds) rounds=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -60,6 +62,7 @@ rm -rf "$payload"
 mkdir -p "$payload"
 cp target/release/ferry "$KIT/vmlinuz" "$fio_bin" "$payload/"
 cp "$KIT/initramfs.cpio.gz" "$payload/initrd.cpio.gz"
+cp "$REPO/tests/testhost/disk-dir.sh" "$HERE/pin.sh" "$payload/"
 
 # The jobs, one definition for guest and host: name rw bs iodepth.
 jobs="randread 4k 32
@@ -73,10 +76,12 @@ cd "\$(dirname "\$0")"
 RUNTIME=$runtime SIZE=$size CPUS=$cpus CTL=$ctl QEMU_CTL="$qemu_ctl" QEMU_DISK="$qemu_disk"
 EOF
 cat >>"$payload/bench.sh" <<'EOF'
-img=/tmp/bench-disk.raw
+. ./disk-dir.sh
+. ./pin.sh
+img=$(disk_dir "$SIZE")/bench-disk.raw
 rm -f "$img"; dd if=/dev/zero of="$img" bs=1M count="$SIZE" 2>/dev/null
-# The host cache is off for all three where the file system takes O_DIRECT; the test host's
-# tmpfs does not, and then all three use the cache (said in the output).
+# The host cache is off for all three where the file system takes O_DIRECT (disk-dir.sh finds
+# one); where none does, all three use the cache (said in the output).
 if dd if=/dev/zero of="$img" bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then
     ferry_cache=off qemu_cache="cache=none,aio=native" direct=1
 else
@@ -102,16 +107,25 @@ cmdline="console=ttyS0 quiet panic=-1 ferry.script=$b64"
 # A guest that froze (nested guests in the test host sometimes do, under either VMM) is
 # killed after boot time plus twice its jobs' run time, and counts as stopped early.
 limit=$((300 + 2 * RUNTIME * $(wc -l <jobs)))
+# Each VMM runs pinned (pin.sh): its vCPU on a CPU of its own, the rest on CPU 0.
 run_ferry() {
-    { timeout -s KILL "$limit" ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
+    timeout -s KILL "$limit" ./ferry run --kernel vmlinuz --initrd initrd.cpio.gz --memory 512M --cpus "$CPUS" --cmdline "$cmdline" \
         --storagectl "name=s,type=$CTL,hostiocache=$ferry_cache" --attach "ctl=s,port=0,medium=$img" \
-        2>ferry.err; echo "exit status $?" >>ferry.err; } | tr -d '\r' | tee ferry.console | sed -n 's/^RESULT /ferry /p'
+        >ferry.out 2>ferry.err &
+    finish_vmm ferry $!
 }
 run_qemu() {
-    { timeout -s KILL "$limit" qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" -nographic -no-reboot -vga none -nic none \
-        -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
+    timeout -s KILL "$limit" qemu-system-x86_64 -name bench,debug-threads=on -enable-kvm -cpu host -M q35 -m 512M -smp "$CPUS" \
+        -nographic -no-reboot -vga none -nic none -kernel vmlinuz -initrd initrd.cpio.gz -append "$cmdline" \
         $QEMU_CTL -drive file="$img",if=none,id=d,format=raw,$qemu_cache \
-        -device "$QEMU_DISK" 2>qemu.err; echo "exit status $?" >>qemu.err; } | tr -d '\r' | tee qemu.console | sed -n 's/^RESULT /qemu /p'
+        -device "$QEMU_DISK" >qemu.out 2>qemu.err &
+    finish_vmm qemu $!
+}
+finish_vmm() { # name pid
+    pin_vmm "$2" "$CPUS"
+    wait "$2"
+    echo "exit status $?" >>"$1.err"
+    tr -d '\r' <"$1.out" | tee "$1.console" | sed -n "s/^RESULT /$1 /p"
 }
 # A guest that stops before its last job (in the nested test host both VMMs' guests sometimes
 # triple-fault; QEMU then exits 0 under -no-reboot) runs once more, and its whole set of

@@ -13,7 +13,7 @@ tests/guest-kit/build.sh target/guest-kit
 payload=target/integration/payload
 rm -rf "$payload"
 mkdir -p "$payload"
-cp target/release/ferry tests/integration/scenarios.sh "$payload/"
+cp target/release/ferry tests/integration/scenarios.sh tests/testhost/disk-dir.sh "$payload/"
 cp target/guest-kit/vmlinuz "$payload/"
 # Scenarios that need no fio boot the small kit; one checks the full kit.
 cp target/guest-kit/initramfs-base.cpio.gz "$payload/initramfs.cpio.gz"

@@ -86,9 +86,11 @@ build_host() {
     ln -s usr/lib64 "$root/lib64"
     kdir=$(deb_dir "$KPKG")
     cp "$kdir"/boot/vmlinuz-* "$OUT/vmlinuz"
-    # kvm-amd: the test host's CPU is QEMU's emulated AMD with SVM.
+    # kvm-amd: the test host's CPU is QEMU's emulated AMD with SVM. brd and ext4: a RAM-disk
+    # file system that takes O_DIRECT, for benchmarks with the host cache off (tmpfs refuses
+    # it; see tests/bench/disk-dir.sh).
     python3 "$KIT/initramfs.py" kmods --kdir "$kdir" --dest "$root" \
-        --report "$OUT/host.modules" kvm kvm-amd
+        --report "$OUT/host.modules" kvm kvm-amd brd ext4
     bb=$(deb_dir busybox-static)/bin/busybox
     cp "$bb" "$root/bin/busybox"
     "$bb" --list-full | while read -r app; do
