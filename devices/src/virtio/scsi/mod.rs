@@ -213,6 +213,85 @@ impl VirtioScsi {
 }
 
 impl VirtioScsi {
+    /// Takes the commands on request queue `index`, submits them, and answers what is done;
+    /// returns the queues to signal.
+    fn process_requests(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Vec<usize> {
+        let mut signal = Vec::new();
+        let mut empty_passes = 0u8;
+        while let Some(queue) = queues.get_mut(index) {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            // The requests taken in this pass go to each disk's host in one submission.
+            self.engines().for_each(IoEngine::plug);
+            let mut popped = 0usize;
+            let mut used = false;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped += 1;
+                let head = chain.head_index();
+                let mut ctx = request::CommandCtx {
+                    ports: &mut self.ports,
+                    in_flight: &mut self.in_flight,
+                    queue: index,
+                    cdb_size: self.cdb_size as usize,
+                    sense_size: self.sense_size as usize,
+                };
+                if let request::Handled::Done(len) = request::command(chain, mem, &mut ctx) {
+                    if let Err(e) = queue.add_used(mem, head, len) {
+                        tracing::debug!("virtio-scsi: used ring: {e}");
+                    }
+                    used = true;
+                }
+            }
+            self.engines().for_each(IoEngine::unplug);
+            if used && !signal.contains(&index) {
+                signal.push(index);
+            }
+            // A read the host has cached, or a small write, is often done when the submit
+            // call returns: answer it now, not after another wake of the event loop. And do so
+            // with notifications still off: what the guest adds meanwhile is found below
+            // without a kick (an exit) of its own.
+            self.answer_busy_ports(queues, mem, &mut signal);
+            let Some(queue) = queues.get_mut(index) else {
+                break;
+            };
+            // More buffers arrived while notifications were off: go round again. That holds
+            // for a pass that found none too: a buffer added between its last pop and the
+            // re-enabling would otherwise wait for ever, since `avail_event` now names it and
+            // the driver, having read the old value, kicks for none after it. Only a second
+            // empty pass that still sees more means a ring index the guest broke: then stop
+            // instead of spinning.
+            empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
+            match queue.enable_notification(mem) {
+                Ok(true) if empty_passes < 2 => continue,
+                _ => break,
+            }
+        }
+        signal
+    }
+
+    /// Answers what the engines of ports with requests out have finished. An idle port's
+    /// engine costs no system call.
+    fn answer_busy_ports(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        signal: &mut Vec<usize>,
+    ) {
+        for i in 0..self.event_ports.len() {
+            let port_id = self.event_ports[i];
+            let busy = self.ports.get(&port_id).and_then(|p| p.engine.as_ref());
+            if busy.is_some_and(|e| e.outstanding() > 0) {
+                self.answer_finished(port_id, queues, mem, signal);
+            }
+        }
+    }
+
     /// Answers the commands whose transfers port `port_id`'s engine has finished, and the
     /// task management that waited for them; adds each queue that got one to `signal`.
     fn answer_finished(
@@ -377,60 +456,7 @@ impl VirtioDevice for VirtioScsi {
                     Vec::new()
                 }
             }
-            _ => {
-                // The requests taken in this pass go to each disk's host in one submission.
-                self.engines().for_each(IoEngine::plug);
-                let mut used = false;
-                let mut empty_passes = 0u8;
-                loop {
-                    if queue.disable_notification(mem).is_err() {
-                        break;
-                    }
-                    let mut popped = 0usize;
-                    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                        popped += 1;
-                        let head = chain.head_index();
-                        let mut ctx = request::CommandCtx {
-                            ports: &mut self.ports,
-                            in_flight: &mut self.in_flight,
-                            queue: index,
-                            cdb_size: self.cdb_size as usize,
-                            sense_size: self.sense_size as usize,
-                        };
-                        if let request::Handled::Done(len) = request::command(chain, mem, &mut ctx)
-                        {
-                            if let Err(e) = queue.add_used(mem, head, len) {
-                                tracing::debug!("virtio-scsi: used ring: {e}");
-                            }
-                            used = true;
-                        }
-                    }
-                    // More buffers arrived while notifications were off: go round again.
-                    // That holds for a pass that found none too: a buffer added between its
-                    // last pop and the re-enabling would otherwise wait for ever, since
-                    // `avail_event` now names it and the driver, having read the old value,
-                    // kicks for none after it. Only a second empty pass that still sees more
-                    // means a ring index the guest broke: then stop instead of spinning.
-                    empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
-                    match queue.enable_notification(mem) {
-                        Ok(true) if empty_passes < 2 => continue,
-                        _ => break,
-                    }
-                }
-                self.engines().for_each(IoEngine::unplug);
-                let mut signal = if used { vec![index] } else { Vec::new() };
-                // A read the host has cached, or a small write, is often done when the submit
-                // call returns: answer it now, not after another wake of the event loop.
-                // Only ports with requests out: an idle port's engine costs no system call.
-                for i in 0..self.event_ports.len() {
-                    let port_id = self.event_ports[i];
-                    let busy = self.ports.get(&port_id).and_then(|p| p.engine.as_ref());
-                    if busy.is_some_and(|e| e.outstanding() > 0) {
-                        self.answer_finished(port_id, queues, mem, &mut signal);
-                    }
-                }
-                signal
-            }
+            _ => self.process_requests(index, queues, mem),
         }
     }
 }
