@@ -1,6 +1,6 @@
-# Sourced by the controller bench and the exit census where KVM is (the test host, or this
-# machine): `disk_dir MIB` prints a folder for the benchmark's raw disk file of MIB MiB where
-# O_DIRECT works, so that the host cache can be off as the benchmarks ask.
+# Sourced where KVM is (the test host, or this machine) by the controller bench, the exit
+# census and the integration scenario virtio_scsi_nocache: `disk_dir MIB` prints a folder for
+# disk files of MIB MiB in all where O_DIRECT works, so that the host cache can really be off.
 # /tmp first. The test host's /tmp is tmpfs, which refuses O_DIRECT (Linux 6.1): there, as
 # root and with the brd and ext4 modules (tests/testhost/build.sh puts them in), the file goes
 # on an ext2 file system on a RAM disk, which takes O_DIRECT. Where neither works it prints

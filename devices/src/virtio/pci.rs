@@ -22,6 +22,8 @@ const ISR: u64 = 0x1000;
 const DEVICE_CFG: u64 = 0x2000;
 const DEVICE_CFG_LEN: u64 = 0x1000;
 const NOTIFY: u64 = 0x3000;
+/// The most times one doorbell runs a queue (see `queue_notified`).
+const MAX_QUEUE_RUNS: usize = 64;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x5000;
@@ -171,12 +173,34 @@ impl VirtioPci {
         {
             return;
         }
-        let used = self
-            .device
-            .process_queue(index, &mut self.queues, &self.memory);
-        for q in used {
-            self.signal_used(q);
+        // A device may stop with buffers still waiting, to have its answers signalled first:
+        // run it again for those.
+        for _ in 0..MAX_QUEUE_RUNS {
+            let used = self
+                .device
+                .process_queue(index, &mut self.queues, &self.memory);
+            let answered = !used.is_empty();
+            for q in used {
+                self.signal_used(q);
+            }
+            if !answered || !self.buffers_wait(index) {
+                return;
+            }
         }
+        // A driver that keeps the queue full does not hold the event loop for ever: the rest
+        // waits for the loop's next turn. Its doorbell brings it there; the driver, which
+        // added these buffers while notifications were on, may not ring again for them.
+        if let Some(e) = self.doorbells.get(index) {
+            let _ = e.write(1);
+        }
+    }
+
+    /// Whether queue `index` has available buffers the device has not taken.
+    fn buffers_wait(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| {
+            q.avail_idx(&self.memory, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        })
     }
 
     fn signal_used(&mut self, index: usize) {

@@ -257,6 +257,10 @@ impl VirtioScsi {
             // with notifications still off: what the guest adds meanwhile is found below
             // without a kick (an exit) of its own.
             self.answer_busy_ports(queues, mem, &mut signal);
+            // Answers go to the driver before more work is taken: held back, they would
+            // stall a driver waiting for them (seen: 1 MiB reads at depth 8 lost 20%). The
+            // transport runs the queue again if buffers wait (`VirtioPci::queue_notified`).
+            let answered = !signal.is_empty();
             let Some(queue) = queues.get_mut(index) else {
                 break;
             };
@@ -268,7 +272,7 @@ impl VirtioScsi {
             // instead of spinning.
             empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
             match queue.enable_notification(mem) {
-                Ok(true) if empty_passes < 2 => continue,
+                Ok(true) if empty_passes < 2 && !answered => continue,
                 _ => break,
             }
         }
