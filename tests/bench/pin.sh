@@ -8,15 +8,21 @@
 # CPU 0 from the thread that starts them. Does nothing where the host has no CPU to spare
 # for each vCPU.
 
+# The VMM's process among PID and its children: "ferry" or "qemu-system-*".
+vmm_pid() {
+    local p
+    for p in $1 $(pgrep -P "$1"); do
+        case $(cat "/proc/$p/comm" 2>/dev/null) in ferry|qemu-system-*) echo "$p"; return ;; esac
+    done
+}
+
 pin_vmm() {
-    local pid=$1 vcpus=$2 vmm="" p t n cpu i=0 cpus
+    local pid=$1 vcpus=$2 vmm="" t n cpu i=0 cpus
     cpus=$(grep -c '^processor' /proc/cpuinfo)
     [ "$cpus" -gt "$vcpus" ] || return 0
     command -v taskset >/dev/null || return 0
     while [ $i -lt 100 ]; do
-        for p in $pid $(pgrep -P "$pid"); do
-            case $(cat "/proc/$p/comm" 2>/dev/null) in ferry|qemu-system-*) vmm=$p ;; esac
-        done
+        vmm=$(vmm_pid "$pid")
         # All vCPU threads are up.
         [ -n "$vmm" ] && [ "$(cat /proc/$vmm/task/*/comm 2>/dev/null | grep -c -E '^(vcpu[0-9]|CPU [0-9]+/KVM)')" -ge "$vcpus" ] && break
         kill -0 "$pid" 2>/dev/null || return 0

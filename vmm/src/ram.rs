@@ -20,27 +20,25 @@ const LARGE_PAGE: usize = 2 << 20;
 /// nothing else still holds them.
 pub struct GuestRam {
     mem: GuestMemoryMmap,
-    maps: Vec<Mapping>,
-}
-
-struct Mapping {
-    region: Arc<MmapRegion>,
-    addr: usize,
-    len: usize,
+    /// The mappings this owns (vm-memory's regions over them are not owners).
+    maps: Vec<Arc<MmapRegion>>,
 }
 
 impl GuestRam {
     /// Maps `ranges` (guest address, bytes; each guest address on a large-page boundary).
     pub fn new(ranges: &[(GuestAddress, usize)]) -> io::Result<Self> {
-        let mut maps = Vec::with_capacity(ranges.len());
+        // Built up in place: on an error, dropping `ram` unmaps what was mapped so far.
+        let mut ram = Self {
+            mem: GuestMemoryMmap::new(),
+            maps: Vec::with_capacity(ranges.len()),
+        };
         let mut regions = Vec::with_capacity(ranges.len());
         for &(gpa, len) in ranges {
             let addr = map_aligned(len)?;
-            // From here `maps` owns the mapping: an error below still unmaps it.
             let prot = libc::PROT_READ | libc::PROT_WRITE;
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
             // SAFETY: [addr, addr + len) is a private anonymous mapping made just above, which
-            // `maps` keeps mapped until no region built on it is left (see Drop).
+            // `ram` keeps mapped until no region built on it is left (see Drop).
             let built = unsafe {
                 MmapRegionBuilder::new(len)
                     .with_mmap_prot(prot)
@@ -55,19 +53,15 @@ impl GuestRam {
                     return Err(io::Error::other(e.to_string()));
                 }
             };
-            maps.push(Mapping {
-                region: region.clone(),
-                addr,
-                len,
-            });
+            ram.maps.push(region.clone());
             let guest_region = GuestRegionMmap::with_arc(region, gpa).ok_or_else(|| {
                 io::Error::other(format!("guest range at {:#x} overflows", gpa.0))
             })?;
             regions.push(guest_region);
         }
-        let mem =
+        ram.mem =
             GuestMemoryMmap::from_regions(regions).map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(Self { mem, maps })
+        Ok(ram)
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -79,16 +73,17 @@ impl Drop for GuestRam {
     fn drop(&mut self) {
         // Let go of this handle's regions first: what counts is who else holds them.
         self.mem = GuestMemoryMmap::new();
-        for m in self.maps.drain(..) {
+        for region in self.maps.drain(..) {
+            let (addr, len) = (region.as_ptr() as usize, region.size());
             // Still held elsewhere (an I/O engine that could not stop its host requests keeps
             // guest memory on purpose): the kernel may yet write there, so it stays mapped.
-            if Arc::strong_count(&m.region) > 1 {
-                tracing::warn!("guest memory at {:#x} is still in use; left mapped", m.addr);
-                std::mem::forget(m.region);
+            if Arc::strong_count(&region) > 1 {
+                tracing::warn!("guest memory at {addr:#x} is still in use; left mapped");
+                std::mem::forget(region);
                 continue;
             }
-            drop(m.region);
-            unmap(m.addr, m.len);
+            drop(region);
+            unmap(addr, len);
         }
     }
 }

@@ -111,10 +111,9 @@ census() { # name ctl command...
     pin_vmm $pid 1
     until grep -q CENSUS-START "$name.console"; do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
     # The VMM is timeout's child (coreutils) or timeout itself (busybox execs the command).
-    local vmm=$pid p
-    for p in $pid $(pgrep -P $pid); do
-        case $(cat /proc/$p/comm 2>/dev/null) in ferry|qemu-system-*) vmm=$p ;; esac
-    done
+    local vmm
+    vmm=$(vmm_pid $pid)
+    vmm=${vmm:-$pid}
     task_ticks "$vmm" >"$name.ticks0"
     echo 0 >$T/tracing_on; echo >$T/trace
     echo 32768 >$T/buffer_size_kb
