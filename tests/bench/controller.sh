@@ -82,7 +82,7 @@ img=$(disk_dir "$SIZE")/bench-disk.raw
 rm -f "$img"; dd if=/dev/zero of="$img" bs=1M count="$SIZE" 2>/dev/null
 # The host cache is off for all three where the file system takes O_DIRECT (disk-dir.sh finds
 # one); where none does, all three use the cache (said in the output).
-if dd if=/dev/zero of="$img" bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then
+if takes_direct "$(dirname "$img")"; then
     ferry_cache=off qemu_cache="cache=none,aio=native" direct=1
 else
     ferry_cache=on qemu_cache="cache=writeback,aio=threads" direct=0

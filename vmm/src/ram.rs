@@ -15,6 +15,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// The large-page size of x86-64 (and of arm64 with 4 KiB pages).
 const LARGE_PAGE: usize = 2 << 20;
+/// How guest RAM is mapped: by `map_aligned`, and as vm-memory is told it was.
+const PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
 
 /// The guest's memory and the host mappings behind it, unmapped when this is dropped and
 /// nothing else still holds them.
@@ -35,14 +38,12 @@ impl GuestRam {
         let mut regions = Vec::with_capacity(ranges.len());
         for &(gpa, len) in ranges {
             let addr = map_aligned(len)?;
-            let prot = libc::PROT_READ | libc::PROT_WRITE;
-            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
             // SAFETY: [addr, addr + len) is a private anonymous mapping made just above, which
             // `ram` keeps mapped until no region built on it is left (see Drop).
             let built = unsafe {
                 MmapRegionBuilder::new(len)
-                    .with_mmap_prot(prot)
-                    .with_mmap_flags(flags)
+                    .with_mmap_prot(PROT)
+                    .with_mmap_flags(FLAGS)
                     .with_raw_mmap_pointer(addr as *mut u8)
             }
             .build();
@@ -99,16 +100,7 @@ fn map_aligned(len: usize) -> io::Result<usize> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: a new private anonymous mapping at an address the kernel picks; no existing
     // memory is touched.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            padded,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, PROT, FLAGS, -1, 0) };
     if base == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }

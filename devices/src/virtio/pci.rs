@@ -22,12 +22,12 @@ const ISR: u64 = 0x1000;
 const DEVICE_CFG: u64 = 0x2000;
 const DEVICE_CFG_LEN: u64 = 0x1000;
 const NOTIFY: u64 = 0x3000;
-/// The most times one doorbell runs a queue (see `queue_notified`).
-const MAX_QUEUE_RUNS: usize = 64;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x5000;
 const MAX_QUEUES: usize = 64;
+/// The most times one doorbell runs a queue (see `queue_notified`).
+const MAX_QUEUE_RUNS: usize = 64;
 
 const CAP_VENDOR: u8 = 0x09;
 const CFG_COMMON: u8 = 1;

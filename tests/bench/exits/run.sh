@@ -67,7 +67,7 @@ fi
 img=$(disk_dir 256)/census-disk.raw
 rm -f "$img"; dd if=/dev/zero of="$img" bs=1M count=256 2>/dev/null
 # Host cache as in the controller bench: off where the file system takes O_DIRECT.
-if dd if=/dev/zero of="$img" bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then
+if takes_direct "$(dirname "$img")"; then
     ferry_cache=off qemu_cache="cache=none,aio=native"
 else
     ferry_cache=on qemu_cache="cache=writeback,aio=threads"
